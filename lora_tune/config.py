@@ -1,0 +1,383 @@
+"""Run configuration: dataclasses are the single source of truth; YAML holds data only.
+
+`load_config(path, overrides)` reads a YAML file, applies dotted `key=value` overrides and returns a
+validated `RunCfg`. Every problem (unknown key, wrong type, bad value, conflicting settings) is collected
+and raised once as a `ConfigError` that names the key and, for typos, the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lora_tune.errors import ConfigError
+
+Quantization = Literal["nf4", "fp4", "int8", "bf16", "fp16", "fp32"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    """A dataclass field with a one-line doc (shown in `lora-tune config-reference`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc}, **kw)
+    return field(default=default, metadata={"doc": doc}, **kw)
+
+
+@dataclass
+class ModelCfg:
+    source: str = _f("builtin:smollm2-135m", "hub id, local HF folder, or builtin:smollm2-135m")
+    quantization: Quantization = _f("nf4", "base weights: nf4/fp4 (QLoRA), int8, or unquantized bf16/fp16/fp32")
+    double_quant: bool = _f(True, "4-bit only: quantize the quantization constants too (~0.4 bit/param saved)")
+    trust_remote_code: bool = _f(False, "allow model code from the hub to run (opt-in; only for sources you trust)")
+    revision: str | None = _f(None, "hub revision (branch, tag or commit) to load")
+    attn_implementation: str = _f("sdpa", "attention kernel: sdpa, eager, or flash_attention_2")
+
+
+@dataclass
+class LoraCfg:
+    r: int = _f(16, "LoRA rank")
+    alpha: float = _f(32, "LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)")
+    dropout: float = _f(0.05, "dropout on the LoRA input")
+    target_modules: list[str] | str = _f("all-linear", "modules to adapt: 'all-linear' or a list of names")
+    use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
+    use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
+    modules_to_save: list[str] = _f([], "extra modules trained in full and saved with the adapter")
+
+
+@dataclass
+class DataCfg:
+    train_file: str | None = _f(None, "training data: JSONL with `text` or OpenAI-style `messages` per line")
+    val_file: str | None = _f(None, "validation data in the same format (optional)")
+    val_fraction: float = _f(0.0, "hold out this fraction of train_file for validation when no val_file")
+    format: Literal["auto", "text", "messages"] = _f("auto", "record format; auto-detected per record")
+    max_length: int = _f(1024, "maximum tokens per sample")
+    truncation: Literal["truncate", "drop"] = _f("truncate", "samples longer than max_length: cut or drop")
+    loss_on: Literal["assistant", "all"] = _f("assistant", "chat data: loss on assistant turns only, or all")
+    chat_template: str | None = _f(None, "fallback when the tokenizer has none: 'chatml' or a .jinja file")
+
+
+@dataclass
+class TrainCfg:
+    seed: int = _f(42, "seed for data order, LoRA init and dropout")
+    micro_batch_size: int = _f(4, "samples per forward/backward")
+    grad_accum: int = _f(1, "micro-batches per optimizer step (effective batch = micro_batch_size x this)")
+    max_steps: int | None = _f(None, "optimizer steps; when unset, `epochs` decides")
+    epochs: float = _f(1.0, "passes over the training data (when max_steps is unset)")
+    lr: float = _f(2e-4, "peak learning rate")
+    min_lr_ratio: float = _f(0.0, "final lr as a fraction of the peak (cosine/linear)")
+    schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "lr schedule after warmup")
+    warmup_steps: int | None = _f(None, "linear warmup steps (or use warmup_ratio)")
+    warmup_ratio: float | None = _f(None, "warmup as a fraction of total steps (or use warmup_steps)")
+    weight_decay: float = _f(0.0, "AdamW weight decay on LoRA weights")
+    max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0 disables")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = _f(
+        "adamw", "torch AdamW, or bitsandbytes 8-bit / paged AdamW"
+    )
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas")
+    gradient_checkpointing: bool = _f(True, "recompute activations in backward (non-reentrant)")
+    precision: Precision = _f("auto", "auto: bf16 on GPUs that have it, else fp16+GradScaler; CPU: measured")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train")
+    log_every: int = _f(1, "print a progress line every N steps when not on a terminal")
+    eval_every: int = _f(0, "validation loss every N steps (0: only at the end)")
+    save_every: int = _f(50, "checkpoint every N steps (0: only at the end)")
+    keep_last: int = _f(2, "checkpoints to keep")
+    early_stopping_patience: int = _f(0, "stop after this many evaluations without improvement (0: off)")
+    early_stopping_min_delta: float = _f(0.0, "an improvement must lower val loss by more than this")
+
+
+@dataclass
+class EvalCfg:
+    batch_size: int = _f(8, "batch size for validation loss")
+    max_samples: int | None = _f(None, "cap the validation set at this many samples")
+
+
+@dataclass
+class RunCfg:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    lora: LoraCfg = field(default_factory=LoraCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    output_dir: str = _f("runs/default", "run directory: config, metrics, checkpoints, adapter")
+
+
+SECTIONS: dict[str, type] = {"model": ModelCfg, "lora": LoraCfg, "data": DataCfg, "train": TrainCfg, "eval": EvalCfg}
+
+# Keys that may change between a run and its resume without changing the result.
+RESUME_SAFE_KEYS = {
+    "output_dir",
+    "train.log_every",
+    "train.save_every",
+    "train.keep_last",
+    "train.eval_every",
+    "train.early_stopping_patience",
+    "train.early_stopping_min_delta",
+    "eval.batch_size",
+    "eval.max_samples",
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building a config from data
+
+
+def _closest(name: str, options: typing.Iterable[str], prefix: str = "") -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f"; did you mean `{prefix}{match[0]}`?" if match else ""
+
+
+def _coerce(key: str, value: Any, hint: Any, problems: list[str]) -> Any:
+    """Check `value` against the type `hint`; return the (possibly converted) value."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errs: list[str] = []
+        for arg in (a for a in args if a is not type(None)):
+            trial: list[str] = []
+            out = _coerce(key, value, arg, trial)
+            if not trial:
+                return out
+            errs.extend(trial)
+        problems.append(errs[0] if errs else f"`{key}`: invalid value {value!r}")
+        return value
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(map(str, args))
+            problems.append(f"`{key}`: {value!r} is not one of: {choices}{_closest(str(value), map(str, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, str) and args and args[0] is str:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            problems.append(f"`{key}`: expected a list, got {value!r}")
+            return value
+        return [_coerce(f"{key}[{i}]", v, args[0], problems) for i, v in enumerate(value)] if args else value
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            problems.append(f"`{key}`: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"`{key}`: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads `2e-4` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"`{key}`: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            problems.append(f"`{key}`: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build_section(cls: type, name: str, data: Any, problems: list[str]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"`{name}`: expected a mapping of keys, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{name}.{key}"
+        if key not in fields:
+            problems.append(f"unknown key `{full}`{_closest(str(key), fields, prefix=name + '.')}")
+            continue
+        kwargs[key] = _coerce(full, value, hints[key], problems)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any], source: str | None = None) -> RunCfg:
+    """Build and validate a `RunCfg` from nested dicts; raises `ConfigError` listing every problem."""
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError([f"the top level must be a mapping of sections, got {type(data).__name__}"], source)
+    top = {**SECTIONS, "output_dir": str}
+    sections = {}
+    for key in data:
+        if key not in top:
+            problems.append(f"unknown section `{key}`{_closest(str(key), top)}")
+    for name, cls in SECTIONS.items():
+        sections[name] = _build_section(cls, name, data.get(name), problems)
+    output_dir = _coerce("output_dir", data.get("output_dir", RunCfg.output_dir), str, problems)
+    cfg = RunCfg(**sections, output_dir=output_dir)
+    if not problems:
+        problems.extend(validate(cfg))
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def validate(cfg: RunCfg) -> list[str]:
+    """Cross-field and range checks; returns every problem found."""
+    p: list[str] = []
+    t, d, lo = cfg.train, cfg.data, cfg.lora
+
+    def positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            p.append(f"`{key}` must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+    if not d.train_file:
+        p.append("`data.train_file` is not set; give a JSONL file, e.g. data.train_file=train.jsonl")
+    positive("lora.r", lo.r)
+    positive("lora.alpha", lo.alpha)
+    if not 0 <= lo.dropout < 1:
+        p.append(f"`lora.dropout` must be in [0, 1), got {lo.dropout}")
+    positive("data.max_length", d.max_length)
+    if not 0 <= d.val_fraction < 1:
+        p.append(f"`data.val_fraction` must be in [0, 1), got {d.val_fraction}")
+    if d.val_file and d.val_fraction:
+        p.append("can't use both `data.val_file` and `data.val_fraction`. Choose one.")
+    for key in ("micro_batch_size", "grad_accum", "max_steps"):
+        positive(f"train.{key}", getattr(t, key))
+    positive("train.epochs", t.epochs)
+    positive("train.lr", t.lr)
+    for key in ("max_grad_norm", "weight_decay", "warmup_steps", "log_every", "eval_every", "save_every"):
+        positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    positive("train.keep_last", t.keep_last)
+    positive("eval.batch_size", cfg.eval.batch_size)
+    positive("eval.max_samples", cfg.eval.max_samples)
+    if not 0 <= t.min_lr_ratio <= 1:
+        p.append(f"`train.min_lr_ratio` must be in [0, 1], got {t.min_lr_ratio}")
+    if t.warmup_steps is not None and t.warmup_ratio is not None:
+        p.append("can't use both `train.warmup_steps` and `train.warmup_ratio`. Choose one.")
+    if t.warmup_ratio is not None and not 0 <= t.warmup_ratio < 1:
+        p.append(f"`train.warmup_ratio` must be in [0, 1), got {t.warmup_ratio}")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        p.append(f"`train.betas` must be two numbers in [0, 1), got {t.betas}")
+    return p
+
+
+def parse_overrides(pairs: typing.Sequence[str]) -> dict[str, Any]:
+    """Turn `["train.lr=1e-4", "lora.r=8"]` into nested dicts; values are parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    problems = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            problems.append(f"override {pair!r} is not of the form section.key=value (e.g. train.max_steps=10)")
+            continue
+        value = yaml.safe_load(raw) if raw else ""
+        parts = key.strip().split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"override {pair!r} conflicts with another override")
+                break
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise ConfigError(problems, "the command line")
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> RunCfg:
+    """Read a YAML config (or start from defaults when `path` is None) and apply dotted overrides.
+
+    Relative data paths in the file are resolved against the file's folder, so a recipe runs from anywhere.
+    """
+    data: dict[str, Any] = {}
+    source = None
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError([f"config file {path} does not exist; check the path"], None)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError([f"{where}: invalid YAML ({problem}); fix the syntax on that line"]) from None
+        if not isinstance(data, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping of sections"], None)
+        data = _resolve_relative_paths(data, path.parent)
+    data = _merge(data, parse_overrides(overrides))
+    return from_dict(data, source)
+
+
+def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    sec = data.get("data")
+    if isinstance(sec, dict):
+        sec = dict(sec)
+        for key in ("train_file", "val_file", "chat_template"):
+            v = sec.get(key)
+            if isinstance(v, str) and v not in ("chatml",) and not Path(v).is_absolute():
+                sec[key] = str((base / v).resolve())
+        data = {**data, "data": sec}
+    return data
+
+
+def to_dict(cfg: RunCfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resume_relevant(cfg: RunCfg) -> dict[str, Any]:
+    """The flattened settings that must not change when a run is resumed."""
+    return {k: v for k, v in flatten(to_dict(cfg)).items() if k not in RESUME_SAFE_KEYS}
+
+
+def config_hash(cfg: RunCfg) -> str:
+    blob = json.dumps(resume_relevant(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def dump_yaml(cfg: RunCfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def reference() -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every setting: the README's config reference is generated from this."""
+    rows = []
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((f"{name}.{f.name}", json.dumps(default), f.metadata.get("doc", "")))
+    rows.append(("output_dir", json.dumps(RunCfg.output_dir), "run directory"))
+    return rows

