@@ -5,20 +5,38 @@ from __future__ import annotations
 import sys
 
 import click
-from rich.console import Console
 
 from lora_tune.errors import LoraTuneError
 
 
-def _fail(e: Exception) -> None:
-    Console(stderr=True).print(f"[red]error:[/] {e}", highlight=False)
-    sys.exit(1 if isinstance(e, LoraTuneError) else 2)
+def _fail(e: LoraTuneError) -> None:
+    click.echo(f"{click.style('error:', fg='red', bold=True)} {e}", err=True)
+    sys.exit(1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lora_tune")
 def main() -> None:
     """Fine-tune an open LLM on one GPU (or a CPU) with LoRA / QLoRA."""
+    _quiet_known_noise()
+
+
+def _quiet_known_noise() -> None:
+    """Silence third-party messages that are harmless here and would hide our own output."""
+    import logging
+    import warnings
+
+    # peft still calls the pre-v5 checkpointing API name
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning
+    )
+    # bnb's CPU 4-bit matmul has no registered autograd kernel; its gradients are checked against a
+    # dense model in tests/test_models.py::test_nf4_lora_gradients_match_dequantized_model
+    warnings.filterwarnings(
+        "ignore", message="bitsandbytes::gemv_4bit: an autograd kernel was not registered"
+    )
+    # bnb tries to fetch an optional CPU kernel from the hub at import; the built-in kernel is used instead
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @main.command(context_settings={"ignore_unknown_options": False})

@@ -35,9 +35,15 @@ def _f(default: Any, doc: str, **kw: Any) -> Any:
 @dataclass
 class ModelCfg:
     source: str = _f("builtin:smollm2-135m", "hub id, local HF folder, or builtin:smollm2-135m")
-    quantization: Quantization = _f("nf4", "base weights: nf4/fp4 (QLoRA), int8, or unquantized bf16/fp16/fp32")
-    double_quant: bool = _f(True, "4-bit only: quantize the quantization constants too (~0.4 bit/param saved)")
-    trust_remote_code: bool = _f(False, "allow model code from the hub to run (opt-in; only for sources you trust)")
+    quantization: Quantization = _f(
+        "nf4", "base weights: nf4/fp4 (QLoRA), int8, or unquantized bf16/fp16/fp32"
+    )
+    double_quant: bool = _f(
+        True, "4-bit only: quantize the quantization constants too (~0.4 bit/param saved)"
+    )
+    trust_remote_code: bool = _f(
+        False, "allow model code from the hub to run (opt-in; only for sources you trust)"
+    )
     revision: str | None = _f(None, "hub revision (branch, tag or commit) to load")
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa, eager, or flash_attention_2")
 
@@ -110,7 +116,13 @@ class RunCfg:
     output_dir: str = _f("runs/default", "run directory: config, metrics, checkpoints, adapter")
 
 
-SECTIONS: dict[str, type] = {"model": ModelCfg, "lora": LoraCfg, "data": DataCfg, "train": TrainCfg, "eval": EvalCfg}
+SECTIONS: dict[str, type] = {
+    "model": ModelCfg,
+    "lora": LoraCfg,
+    "data": DataCfg,
+    "train": TrainCfg,
+    "eval": EvalCfg,
+}
 
 # Keys that may change between a run and its resume without changing the result.
 RESUME_SAFE_KEYS = {
@@ -142,6 +154,9 @@ def _coerce(key: str, value: Any, hint: Any, problems: list[str]) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        # exact type first, so "all-linear" stays a string for `list[str] | str`; "a,b" becomes a list
+        if type(value) in args and not (isinstance(value, str) and "," in value):
+            return value
         errs: list[str] = []
         for arg in (a for a in args if a is not type(None)):
             trial: list[str] = []
@@ -154,7 +169,9 @@ def _coerce(key: str, value: Any, hint: Any, problems: list[str]) -> Any:
     if origin is Literal:
         if value not in args:
             choices = ", ".join(map(str, args))
-            problems.append(f"`{key}`: {value!r} is not one of: {choices}{_closest(str(value), map(str, args))}")
+            problems.append(
+                f"`{key}`: {value!r} is not one of: {choices}{_closest(str(value), map(str, args))}"
+            )
         return value
     if origin is list:
         if isinstance(value, str) and args and args[0] is str:
@@ -281,7 +298,9 @@ def parse_overrides(pairs: typing.Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            problems.append(f"override {pair!r} is not of the form section.key=value (e.g. train.max_steps=10)")
+            problems.append(
+                f"override {pair!r} is not of the form section.key=value (e.g. train.max_steps=10)"
+            )
             continue
         value = yaml.safe_load(raw) if raw else ""
         parts = key.strip().split(".")

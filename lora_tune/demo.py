@@ -34,10 +34,11 @@ def _answer(cfg: RunCfg, adapter: Path | None, prompt: str) -> str:
     return generate_reply(model, tok, [{"role": "user", "content": prompt}], max_new_tokens=60)
 
 
-def run_demo(output_dir: str = "runs/demo", overrides: tuple[str, ...] = (), console: Console | None = None
-             ) -> tuple[TrainResult, str, str]:
+def run_demo(
+    output_dir: str = "runs/demo", overrides: tuple[str, ...] = (), console: Console | None = None
+) -> tuple[TrainResult, str, str]:
     """Answer a prompt, fine-tune with QLoRA, answer again; returns (result, before, after)."""
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     cfg = demo_config(output_dir, overrides)
     console.rule("[bold]lora-tune demo: QLoRA (NF4) on SmolLM2-135M-Instruct")
     before = _answer(cfg, None, DEMO_PROMPT)
@@ -52,6 +53,8 @@ def run_demo(output_dir: str = "runs/demo", overrides: tuple[str, ...] = (), con
     console.print(table)
     first, last = (result.val_losses[0][1], result.val_losses[-1][1]) if result.val_losses else (None, None)
     if first is not None:
-        console.print(f"validation loss {first:.3f} -> {last:.3f} in {result.steps} steps, {result.seconds:.0f} s")
+        console.print(
+            f"validation loss {first:.3f} -> {last:.3f} in {result.steps} steps, {result.seconds:.0f} s"
+        )
     console.print(f"run directory: {result.run_dir} (adapter/, metrics.jsonl, loss.png, checkpoints/)")
     return result, before, after

@@ -39,7 +39,9 @@ class BatchStream:
     Because the order depends on nothing else, restoring a `Position` continues the exact stream.
     """
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int, shuffle: bool = True):
+    def __init__(
+        self, examples: list[Example], batch_size: int, seed: int, pad_id: int, shuffle: bool = True
+    ):
         self.examples = examples
         self.batch_size = batch_size
         self.seed = seed

@@ -20,7 +20,8 @@ IGNORE = -100
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "'<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 FALLBACK_TEMPLATES = {"chatml": CHATML}
 
@@ -56,7 +57,9 @@ def resolve_chat_template(tok, fallback: str | None) -> str | None:
         return FALLBACK_TEMPLATES[fallback]
     path = Path(fallback)
     if not path.is_file():
-        raise LoraTuneError(f"data.chat_template={fallback!r} is neither 'chatml' nor an existing .jinja file")
+        raise LoraTuneError(
+            f"data.chat_template={fallback!r} is neither 'chatml' nor an existing .jinja file"
+        )
     return path.read_text(encoding="utf-8")
 
 
@@ -75,7 +78,9 @@ def _render(tok, messages, template, add_generation_prompt: bool) -> str:
     )
 
 
-def render_with_spans(tok, messages, template=None, loss_on: str = "assistant") -> tuple[str, list[tuple[int, int]]]:
+def render_with_spans(
+    tok, messages, template=None, loss_on: str = "assistant"
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans the loss is computed on."""
     if not getattr(tok, "chat_template", None) and template is None:
         raise LoraTuneError(
@@ -114,8 +119,13 @@ def render_with_spans(tok, messages, template=None, loss_on: str = "assistant") 
             raise LoraTuneError("the chat template ends turns with no end token and the tokenizer has no EOS")
         for pos in reversed(inserts):
             text = text[:pos] + tok.eos_token + text[pos:]
-        spans = [(s + _shift(s, inserts, len(tok.eos_token), strict=True), e + _shift(e, inserts, len(tok.eos_token)))
-                 for s, e in spans]
+        spans = [
+            (
+                s + _shift(s, inserts, len(tok.eos_token), strict=True),
+                e + _shift(e, inserts, len(tok.eos_token)),
+            )
+            for s, e in spans
+        ]
     return text, spans
 
 
@@ -153,18 +163,23 @@ def encode_records(
     stats = TokenizeStats(records=len(records))
     out = []
     for rec in records:
-        ex = encode_text(tok, rec.text) if rec.text is not None else encode_messages(tok, rec.messages, template, loss_on)
-        if len(ex.input_ids) > max_length:
+        ex = (
+            encode_text(tok, rec.text)
+            if rec.text is not None
+            else encode_messages(tok, rec.messages, template, loss_on)
+        )
+        cut = len(ex.input_ids) > max_length
+        if cut:
             if truncation == "drop":
                 stats.dropped_too_long += 1
                 stats.dropped_where.append(rec.where)
                 continue
             ex = Example(ex.input_ids[:max_length], ex.labels[:max_length])
-            stats.truncated += 1
         if ex.n_supervised == 0:
             stats.dropped_no_supervised += 1
             stats.dropped_where.append(rec.where)
             continue
+        stats.truncated += cut
         out.append(ex)
     stats.kept = len(out)
     return out, stats

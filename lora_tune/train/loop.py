@@ -96,11 +96,21 @@ def _describe_data(console: Console, name: str, stats: TokenizeStats, examples) 
     more = f" ({', '.join(extra)})" if extra else ""
     console.print(f"{name}: {stats.kept}/{stats.records} samples, {tokens} tokens, {sup} supervised{more}")
     if stats.dropped_where:
-        console.print(f"  dropped: {', '.join(stats.dropped_where[:5])}{' ...' if len(stats.dropped_where) > 5 else ''}")
+        console.print(
+            f"  dropped: {', '.join(stats.dropped_where[:5])}{' ...' if len(stats.dropped_where) > 5 else ''}"
+        )
 
 
-def optimizer_step(model, stream: BatchStream, accum: int, precision: Precision, scaler, optimizer, params,
-                   max_grad_norm: float) -> dict[str, float]:
+def optimizer_step(
+    model,
+    stream: BatchStream,
+    accum: int,
+    precision: Precision,
+    scaler,
+    optimizer,
+    params,
+    max_grad_norm: float,
+) -> dict[str, float]:
     """One optimizer step over `accum` micro-batches, normalised by their total supervised tokens."""
     micro = [stream.next() for _ in range(accum)]
     n_total = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
@@ -143,9 +153,11 @@ def save_adapter(model, tok, out: Path, meta: dict) -> Path:
     return out
 
 
-def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> TrainResult:
+def train(
+    cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console: Console | None = None
+) -> TrainResult:
     """Fine-tune `cfg.model` with LoRA on `cfg.data`; writes the run directory and returns a summary."""
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     t_start = time.perf_counter()
     run_dir = Path(cfg.output_dir)
     ckpt = check_run_dir(cfg, resume, overwrite)
@@ -178,7 +190,10 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
     prepare_for_training(model, tc.gradient_checkpointing)
     model = attach_lora(model, cfg.lora)
     trainable, total = count_parameters(model)
-    console.print(f"LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    console.print(
+        f"LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.2f}%)"
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tc)
     stream = BatchStream(train_ex, tc.micro_batch_size, tc.seed, tok.pad_token_id)
@@ -188,8 +203,14 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
     val_stream = BatchStream(val_ex, cfg.eval.batch_size, tc.seed, tok.pad_token_id, shuffle=False)
     log = MetricsLog(run_dir / "metrics.jsonl")
 
-    state = {"position": {"epoch": 0, "index": 0}, "best_val": None, "bad_evals": 0, "tokens_seen": 0,
-             "threads": torch.get_num_threads(), "config_hash": C.config_hash(cfg)}
+    state = {
+        "position": {"epoch": 0, "index": 0},
+        "best_val": None,
+        "bad_evals": 0,
+        "tokens_seen": 0,
+        "threads": torch.get_num_threads(),
+        "config_hash": C.config_hash(cfg),
+    }
     step, result = 0, TrainResult(run_dir, run_dir / "adapter", 0)
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler, scaler)
@@ -197,8 +218,10 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
         stream.position = Position(**state["position"])
         log.truncate_after(step)
         if state.get("threads") != torch.get_num_threads():
-            console.print(f"[yellow]note: {torch.get_num_threads()} threads now, {state.get('threads')} before; "
-                          "losses may differ from an uninterrupted run in the last digits[/]")
+            console.print(
+                f"[yellow]note: {torch.get_num_threads()} threads now, {state.get('threads')} before; "
+                "losses may differ from an uninterrupted run in the last digits[/]"
+            )
         console.print(f"resumed from {ckpt} (step {step})")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -224,24 +247,41 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
     with StepProgress(console, total_steps, step, tc.log_every) as bar:
         while step < total_steps:
             lr = scheduler.get_last_lr()[0]
-            out = optimizer_step(model, stream, tc.grad_accum, precision, scaler, optimizer, params, tc.max_grad_norm)
+            out = optimizer_step(
+                model, stream, tc.grad_accum, precision, scaler, optimizer, params, tc.max_grad_norm
+            )
             scheduler.step()
             step += 1
             state["tokens_seen"] += out["tokens"]
             tok_window += out["real_tokens"]
             elapsed = time.perf_counter() - t_window
-            log.write({"step": step, "loss": out["loss"], "lr": lr, "tokens": out["tokens"],
-                       "real_tokens": out["real_tokens"], "grad_norm": out["grad_norm"],
-                       "epoch": stream.position.epoch, "time": round(time.perf_counter() - t_start, 3)})
+            log.write(
+                {
+                    "step": step,
+                    "loss": out["loss"],
+                    "lr": lr,
+                    "tokens": out["tokens"],
+                    "real_tokens": out["real_tokens"],
+                    "grad_norm": out["grad_norm"],
+                    "epoch": stream.position.epoch,
+                    "time": round(time.perf_counter() - t_start, 3),
+                }
+            )
             result.train_loss = out["loss"]
-            bar.update(step, total_steps, f"loss {out['loss']:.4f}  lr {lr:.2e}  {tok_window / elapsed:,.0f} tok/s  "
-                       f"mem {peak_memory_mb(device):,.0f} MB")
+            bar.update(
+                step,
+                total_steps,
+                f"loss {out['loss']:.4f}  lr {lr:.2e}  {tok_window / elapsed:,.0f} tok/s  "
+                f"mem {peak_memory_mb(device):,.0f} MB",
+            )
             if tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
                 v = run_eval(step)
                 if v is not None:
                     bar.note(f"step {step}: validation loss {v:.4f}")
                     if _should_stop(state, v, tc):
-                        bar.note(f"early stopping: no improvement in {tc.early_stopping_patience} evaluations")
+                        bar.note(
+                            f"early stopping: no improvement in {tc.early_stopping_patience} evaluations"
+                        )
                         result.stopped_early = True
             state["position"] = {"epoch": stream.position.epoch, "index": stream.position.index}
             if tc.save_every and step % tc.save_every == 0 or step == total_steps or result.stopped_early:
@@ -256,12 +296,18 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
         console.print(f"validation loss after training: {v:.4f} (ppl {math.exp(min(v, 50)):.2f})")
 
     result.steps = step
-    meta = {"base_model": cfg.model.source, "quantization": cfg.model.quantization, "steps": step,
-            "config": C.to_dict(cfg)}
+    meta = {
+        "base_model": cfg.model.source,
+        "quantization": cfg.model.quantization,
+        "steps": step,
+        "config": C.to_dict(cfg),
+    }
     save_adapter(model, tok, result.adapter_dir, meta)
     plot_losses(log.read(), run_dir / "loss.png", title=f"{cfg.model.source} - {run_dir.name}")
     result.seconds = time.perf_counter() - t_start
-    console.print(f"adapter saved to {result.adapter_dir}; metrics in {log.path}; plot in {run_dir / 'loss.png'}")
+    console.print(
+        f"adapter saved to {result.adapter_dir}; metrics in {log.path}; plot in {run_dir / 'loss.png'}"
+    )
     return result
 
 

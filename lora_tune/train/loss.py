@@ -42,7 +42,9 @@ def supervised_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
         selected = hidden.last_hidden_state[:, :-1][keep]
         logits = base.get_output_embeddings()(selected)
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][keep]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][
+            keep
+        ]
     loss = F.cross_entropy(logits.float(), target[keep], reduction="sum")
     return loss, n
 

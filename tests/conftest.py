@@ -1,0 +1,128 @@
+"""Shared fixtures: a tiny random Llama with a tiny BPE tokenizer, saved as a local HF folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from lora_tune.data.tokenize import CHATML
+
+# Any accidental hub access must fail loudly, not download.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, how are you today? I am fine, thank you.",
+    "user assistant system: answer the question about notes and sync",
+    "0123456789 + - * / = ! ? . , ; : ' \" ( ) [ ] { }",
+]
+
+
+def build_tokenizer(with_template: bool = True):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tk.train_from_iterator(CORPUS * 5, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<|im_end|>", bos_token="<|im_start|>", unk_token="<|endoftext|>"
+    )
+    if with_template:
+        tok.chat_template = CHATML
+    return tok
+
+
+def build_tiny_model(vocab_size: int, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        eos_token_id=2,
+        bos_token_id=1,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A local HF folder (config, fp32 safetensors, tokenizer with a chat template)."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_tokenizer()
+    model = build_tiny_model(len(tok))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+def chat(q: str, a: str, system: str | None = None) -> dict:
+    msgs = [{"role": "system", "content": system}] if system else []
+    return {"messages": [*msgs, {"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
+    )
+    return path
+
+
+@pytest.fixture
+def chat_files(tmp_path) -> tuple[Path, Path]:
+    """Small train/validation chat files the tiny model can learn from."""
+    pairs = [(f"what is {i} plus {i}?", f"the answer is {2 * i}.") for i in range(24)]
+    train = write_jsonl(tmp_path / "train.jsonl", [chat(q, a, "answer the question") for q, a in pairs[:20]])
+    val = write_jsonl(tmp_path / "val.jsonl", [chat(q, a, "answer the question") for q, a in pairs[20:]])
+    return train, val
+
+
+def tiny_overrides(model_dir: Path, train: Path, val: Path | None, out: Path, **extra) -> list[str]:
+    """Config overrides for a fast fp32 LoRA run on the tiny model."""
+    base = {
+        "model.source": str(model_dir),
+        "model.quantization": "fp32",
+        "data.train_file": str(train),
+        "data.max_length": 64,
+        "train.micro_batch_size": 4,
+        "train.max_steps": 6,
+        "train.lr": 5e-3,
+        "train.precision": "fp32",
+        "train.device": "cpu",
+        "train.save_every": 2,
+        "train.gradient_checkpointing": False,
+        "lora.r": 4,
+        "lora.alpha": 8,
+        "lora.dropout": 0.1,
+        "output_dir": str(out),
+    }
+    if val is not None:
+        base["data.val_file"] = str(val)
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

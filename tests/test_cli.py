@@ -1,0 +1,66 @@
+"""Bad input through the CLI: one clear error line (or short list), exit code 1, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from conftest import tiny_overrides, write_jsonl
+
+from lora_tune.cli import main
+
+
+def run(args):
+    result = CliRunner().invoke(main, args)
+    return result.exit_code, result.output
+
+
+def test_help_lists_commands():
+    code, out = run(["--help"])
+    assert code == 0
+    for cmd in ("train", "demo", "config-reference"):
+        assert cmd in out
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("train: [1, 2\n", "invalid YAML"),
+        ("trian:\n  lr: 1\n", "unknown section `trian`; did you mean `train`?"),
+        ("train:\n  lr: fast\n", "`train.lr`: expected a number"),
+    ],
+)
+def test_bad_config_files(tmp_path, content, expected):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(content)
+    code, out = run(["train", str(cfg), "data.train_file=x.jsonl"])
+    assert code == 1 and expected in out and "Traceback" not in out
+
+
+def test_missing_config_file(tmp_path):
+    code, out = run(["train", str(tmp_path / "none.yaml")])
+    assert code == 1 and "does not exist" in out and "Traceback" not in out
+
+
+def test_missing_data_file_and_model(tmp_path, tiny_model_dir):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    code, out = run(["train", str(cfg), f"data.train_file={tmp_path / 'nope.jsonl'}"])
+    assert code == 1 and "nope.jsonl does not exist" in out
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
+    code, out = run(["train", str(cfg), f"data.train_file={data}", f"model.source={tmp_path / 'no-model'}"])
+    assert code == 1 and "model path" in out and "does not exist" in out and "Traceback" not in out
+
+
+def test_bad_data_lines_fail_fast_with_file_and_line(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, "{broken", {"messages": []}])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    code, out = run(["train", str(cfg), *tiny_overrides(tiny_model_dir, data, None, tmp_path / "run")])
+    assert code == 1
+    assert f"{data}:2: invalid JSON" in out and f"{data}:3:" in out and "Traceback" not in out
+    assert not (tmp_path / "run").exists()  # failed before anything was written
+
+
+def test_config_reference_is_a_table():
+    code, out = run(["config-reference"])
+    assert code == 0 and "| `train.lr` |" in out
