@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
-from conftest import tiny_overrides, write_jsonl
 
 from lora_tune.cli import main
+
+from conftest import tiny_overrides, write_jsonl
 
 
 def run(args):

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-from conftest import chat, write_jsonl
 
 from lora_tune.config import DataCfg
 from lora_tune.data.batching import BatchStream, Position
@@ -15,6 +14,8 @@ from lora_tune.data.tokenize import (
     resolve_chat_template,
 )
 from lora_tune.errors import DataError, LoraTuneError
+
+from conftest import chat, write_jsonl
 
 
 def supervised_text(tok, ex) -> str:

@@ -3,7 +3,6 @@ from __future__ import annotations
 import copy
 
 import torch
-from conftest import chat
 
 from lora_tune.config import LoraCfg, ModelCfg, TrainCfg
 from lora_tune.data.batching import BatchStream, collate
@@ -14,6 +13,8 @@ from lora_tune.train.loop import optimizer_step
 from lora_tune.train.loss import supervised_loss_sum
 from lora_tune.train.optim import build_optimizer
 from lora_tune.train.precision import Precision
+
+from conftest import chat
 
 CPU32 = Precision(torch.device("cpu"), torch.float32, "test")
 

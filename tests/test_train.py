@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
 
 from lora_tune.config import load_config
 from lora_tune.errors import LoraTuneError
 from lora_tune.train.checkpoint import list_checkpoints
 from lora_tune.train.loop import train
 from lora_tune.train.metrics import read_metrics
+
+from conftest import tiny_overrides
 
 
 def _cfg(tiny_model_dir, chat_files, out, **extra):
