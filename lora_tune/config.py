@@ -61,14 +61,40 @@ class LoraCfg:
 
 @dataclass
 class DataCfg:
-    train_file: str | None = _f(None, "training data: JSONL with `text` or OpenAI-style `messages` per line")
+    train_file: str | None = _f(
+        None, "training data: a file (jsonl, json, csv, parquet, txt), a folder, or a hub id"
+    )
     val_file: str | None = _f(None, "validation data in the same format (optional)")
     val_fraction: float = _f(0.0, "hold out this fraction of train_file for validation when no val_file")
-    format: Literal["auto", "text", "messages"] = _f("auto", "record format; auto-detected per record")
-    max_length: int = _f(1024, "maximum tokens per sample")
-    truncation: Literal["truncate", "drop"] = _f("truncate", "samples longer than max_length: cut or drop")
-    loss_on: Literal["assistant", "all"] = _f("assistant", "chat data: loss on assistant turns only, or all")
-    chat_template: str | None = _f(None, "fallback when the tokenizer has none: 'chatml' or a .jinja file")
+    split: str = _f("train", "split to read when train_file/val_file is a hub dataset id")
+    format: Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"] = _f(
+        "auto", "record format; auto-detected per record from its fields"
+    )
+    columns: dict[str, str] = _f(
+        {}, "map our field names to yours, e.g. {prompt: question, completion: answer}"
+    )
+    max_length: int = _f(1024, "maximum tokens per sample (and per packed row)")
+    truncation: Literal["truncate", "keep_end", "drop"] = _f(
+        "truncate", "too-long samples: cut the end, keep the end (the response), or drop; text is chunked"
+    )
+    loss_on: Literal["assistant", "completion", "all"] = _f(
+        "assistant", "loss on every assistant turn, only the last one (completion), or on all tokens"
+    )
+    chat_template: str | None = _f(
+        None, "template to use: chatml, llama-3, alpaca or a .jinja file (default: tokenizer's)"
+    )
+    packing: bool = _f(False, "pack samples into rows of max_length (no padding, no cross-attention)")
+    group_by_length: bool = _f(True, "when not packing, batch samples of similar length together")
+    dedup: Literal["none", "exact", "normalized"] = _f(
+        "exact", "remove duplicate records (normalized: case, punctuation and spacing ignored)"
+    )
+    leakage: Literal["drop", "warn"] = _f(
+        "drop", "validation records also in training: drop them or only warn"
+    )
+    oversample_minority: bool = _f(
+        False, "classification-style data: repeat minority labels up to the majority"
+    )
+    cache: bool = _f(True, "cache tokenized data (keyed by data, tokenizer, template and settings)")
 
 
 @dataclass
@@ -172,6 +198,12 @@ def _coerce(key: str, value: Any, hint: Any, problems: list[str]) -> Any:
             problems.append(
                 f"`{key}`: {value!r} is not one of: {choices}{_closest(str(value), map(str, args))}"
             )
+        return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            problems.append(f"`{key}`: expected a mapping of names to names, got {value!r}")
         return value
     if origin is list:
         if isinstance(value, str) and args and args[0] is str:
@@ -350,13 +382,22 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     return from_dict(data, source)
 
 
+def _is_local_path(value: str, base: Path) -> bool:
+    """Hub dataset ids (`org/name`) and template names stay as they are; anything else is a path."""
+    if (base / value).exists():
+        return True
+    if value in ("chatml", "llama-3", "alpaca"):
+        return False
+    return not (value.count("/") == 1 and not Path(value).suffix)
+
+
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     sec = data.get("data")
     if isinstance(sec, dict):
         sec = dict(sec)
         for key in ("train_file", "val_file", "chat_template"):
             v = sec.get(key)
-            if isinstance(v, str) and v not in ("chatml",) and not Path(v).is_absolute():
+            if isinstance(v, str) and not Path(v).is_absolute() and _is_local_path(v, base):
                 sec[key] = str((base / v).resolve())
         data = {**data, "data": sec}
     return data

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_tune.data.tokenize import CHATML
+from lora_tune.data.templates import CHATML
 
 # Any accidental hub access must fail loudly, not download.
 os.environ["HF_HUB_OFFLINE"] = "1"

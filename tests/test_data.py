@@ -4,15 +4,11 @@ import pytest
 
 from lora_tune.config import DataCfg
 from lora_tune.data.batching import BatchStream, Position
-from lora_tune.data.formats import parse_record, read_jsonl
+from lora_tune.data.formats import parse_record
+from lora_tune.data.readers import load_records
 from lora_tune.data.splits import read_splits
-from lora_tune.data.tokenize import (
-    IGNORE,
-    encode_messages,
-    encode_records,
-    encode_text,
-    resolve_chat_template,
-)
+from lora_tune.data.templates import resolve_chat_template
+from lora_tune.data.tokenize import IGNORE, encode_messages, encode_records, encode_text
 from lora_tune.errors import DataError, LoraTuneError
 
 from conftest import chat, write_jsonl
@@ -37,18 +33,18 @@ def test_every_bad_line_reported_with_file_and_line(tmp_path):
     ]
     p.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(DataError) as e:
-        read_jsonl(p)
+        load_records(p)
     probs = e.value.problems
     assert [pr.split(":")[1] for pr in probs] == ["2", "3", "4", "5", "6", "7", "8"]
     text = "\n".join(probs)
     assert "invalid JSON" in text and "unknown role 'robot'" in text and "empty assistant content" in text
-    assert "must be a string" in text and "no `text` or `messages`" in text and "invalid UTF-8" in text
+    assert "must be a string" in text and "no known fields" in text and "invalid UTF-8" in text
     assert "no assistant message" in text
 
 
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(LoraTuneError, match="does not exist"):
-        read_jsonl(tmp_path / "nope.jsonl")
+        load_records(tmp_path / "nope.jsonl")
 
 
 def test_assistant_only_mask_covers_replies_and_end_of_turn(tiny_tokenizer):
@@ -117,7 +113,7 @@ def test_truncation_drops_samples_without_supervised_tokens(tiny_tokenizer):
     rows = [chat(long_q, "yes"), chat("short?", "yes"), chat("hello", "the lazy dog " * 10)]
     records = [parse_record(r, f"f:{i + 1}")[0] for i, r in enumerate(rows)]
     kept, stats = encode_records(tiny_tokenizer, records, max_length=30)
-    assert stats.dropped_no_supervised == 1 and stats.dropped_where == ["f:1"]
+    assert stats.dropped_no_supervised == 1 and stats.dropped_where[0].startswith("f:1 ")
     assert stats.truncated == 1 and len(kept) == 2  # the long answer is cut, the short chat fits
     assert all(len(e.input_ids) <= 30 and e.n_supervised > 0 for e in kept)
     kept, stats = encode_records(tiny_tokenizer, records, max_length=30, truncation="drop")

@@ -1,7 +1,14 @@
-"""Deterministic, resumable batching: the order is a pure function of (seed, epoch)."""
+"""Deterministic, resumable batching: padded, length-grouped or packed.
+
+The order of an epoch is a pure function of (seed, epoch), so restoring a `Position` continues the
+exact stream. Packing puts several samples into rows of at most `max_length` tokens; position ids restart
+at every sample, which transformers turns into attention that never crosses a sample boundary (its
+padding-free path), and the first token of each packed sample is never a target of the previous one.
+"""
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -9,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from lora_tune.data.tokenize import IGNORE, Example
+
+STRATEGIES = ("pad", "group_by_length", "pack")
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -25,6 +34,50 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Concatenate each row's samples; position ids restart per sample; no attention mask.
+
+    The tail of a short row is padding with its own restarting positions (a separate "sample" that
+    nothing attends to or from) and IGNORE labels. `real` marks non-padding tokens.
+    """
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    real = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e.input_ids)
+            ids[r, at : at + n] = torch.tensor(e.input_ids)
+            labels[r, at + 1 : at + n] = torch.tensor(
+                e.labels[1:]
+            )  # first token: not a target across samples
+            pos[r, at : at + n] = torch.arange(n)
+            real[r, at : at + n] = 1
+            at += n
+        pos[r, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "real": real}
+
+
+def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing of sample lengths into rows of at most `max_length` tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (remaining space, row id), sorted
+    for i in order:
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at < len(free):
+            space, row = free.pop(at)
+        else:
+            space, row = max_length, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        if space - lengths[i] > 0:
+            bisect.insort(free, (space - lengths[i], row))
+    return rows
+
+
 @dataclass
 class Position:
     """Where the data stream is: the next micro-batch is batch `index` of epoch `epoch`."""
@@ -34,46 +87,85 @@ class Position:
 
 
 class BatchStream:
-    """Micro-batches over `examples` in an order fixed by `seed` and the epoch number.
+    """Micro-batches over `examples`; each micro-batch is a list of rows, each row a list of samples.
 
-    Because the order depends on nothing else, restoring a `Position` continues the exact stream.
+    `pad`: random order, padded. `group_by_length`: random order, then samples of similar length batched
+    together (less padding), batches shuffled. `pack`: `batch_size` packed rows per micro-batch.
     """
 
     def __init__(
-        self, examples: list[Example], batch_size: int, seed: int, pad_id: int, shuffle: bool = True
+        self,
+        examples: list[Example],
+        batch_size: int,
+        seed: int,
+        pad_id: int,
+        shuffle: bool = True,
+        strategy: str = "pad",
+        max_length: int | None = None,
     ):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown batching strategy {strategy!r}")
         self.examples = examples
         self.batch_size = batch_size
         self.seed = seed
         self.pad_id = pad_id
         self.shuffle = shuffle
+        self.strategy = strategy
         self.position = Position()
-        self._cached: tuple[int, list[int]] | None = None
+        self._cached: tuple[int, list[list[list[int]]]] | None = None
+        self._rows = None
+        if strategy == "pack":
+            width = max_length or max(len(e.input_ids) for e in examples)
+            self._rows = pack_rows([len(e.input_ids) for e in examples], width)
+
+    def _perm(self, n: int, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(n))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(n, generator=g).tolist()
+
+    def plan(self, epoch: int) -> list[list[list[int]]]:
+        """The micro-batches of `epoch` as example indices: [batch][row][sample]."""
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
+        bs = self.batch_size
+        if self.strategy == "pack":
+            rows = [self._rows[i] for i in self._perm(len(self._rows), epoch)]
+            batches = [rows[i : i + bs] for i in range(0, len(rows), bs)]
+        else:
+            order = self._perm(len(self.examples), epoch)
+            if self.strategy == "group_by_length":
+                # sort within windows of 64 batches, so batches stay random but hold similar lengths
+                window = 64 * bs
+                order = [
+                    i
+                    for w in range(0, len(order), window)
+                    for i in sorted(order[w : w + window], key=lambda j: -len(self.examples[j].input_ids))
+                ]
+            batches = [[[i] for i in order[k : k + bs]] for k in range(0, len(order), bs)]
+            if self.strategy == "group_by_length" and self.shuffle:
+                batches = [batches[i] for i in self._perm(len(batches), epoch + 7_919)]
+        self._cached = (epoch, batches)
+        return batches
 
     def __len__(self) -> int:
-        return math.ceil(len(self.examples) / self.batch_size)
+        n = len(self._rows) if self._rows is not None else len(self.examples)
+        return math.ceil(n / self.batch_size)
 
-    def _order(self, epoch: int) -> list[int]:
-        if self._cached is None or self._cached[0] != epoch:
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-                order = torch.randperm(len(self.examples), generator=g).tolist()
-            else:
-                order = list(range(len(self.examples)))
-            self._cached = (epoch, order)
-        return self._cached[1]
+    def collate(self, batch: list[list[int]]) -> dict[str, torch.Tensor]:
+        if self.strategy == "pack":
+            return collate_packed([[self.examples[i] for i in row] for row in batch], self.pad_id)
+        return collate([self.examples[row[0]] for row in batch], self.pad_id)
 
     def next(self) -> dict[str, torch.Tensor]:
         """The next micro-batch, moving to a new epoch when one ends."""
         if self.position.index >= len(self):
             self.position = Position(self.position.epoch + 1, 0)
-        order = self._order(self.position.epoch)
-        lo = self.position.index * self.batch_size
-        batch = [self.examples[i] for i in order[lo : lo + self.batch_size]]
+        batch = self.plan(self.position.epoch)[self.position.index]
         self.position.index += 1
-        return collate(batch, self.pad_id)
+        return self.collate(batch)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        """One pass in file order (for evaluation)."""
-        for lo in range(0, len(self.examples), self.batch_size):
-            yield collate(self.examples[lo : lo + self.batch_size], self.pad_id)
+        """One pass over epoch 0's plan (for evaluation, with shuffle=False: file order)."""
+        for batch in self.plan(0):
+            yield self.collate(batch)

@@ -1,19 +1,31 @@
-"""Train/validation records from the data config (read and validated before any model loads)."""
+"""From the data config to training and validation examples.
+
+`read_splits` reads and validates every record (before any model loads, so bad input fails in seconds);
+`prepare` removes duplicates and leaked validation records, optionally balances labels, and tokenizes
+(through the cache).
+"""
 
 from __future__ import annotations
 
 import random
+from collections import Counter
+from dataclasses import dataclass, field
 
 from lora_tune.config import DataCfg
-from lora_tune.data.formats import Record, read_jsonl
+from lora_tune.data import cache
+from lora_tune.data.formats import Record
+from lora_tune.data.hygiene import DedupReport, deduplicate, labels_of, leaked, oversample
+from lora_tune.data.readers import load_records
+from lora_tune.data.tokenize import Example, TokenizeStats, encode_records
 from lora_tune.errors import LoraTuneError
 
 
 def read_splits(cfg: DataCfg, seed: int) -> tuple[list[Record], list[Record]]:
     """Validated train and validation records; a `val_fraction` split is seeded and reproducible."""
-    train = read_jsonl(cfg.train_file, cfg.format)
+    read = dict(fmt=cfg.format, columns=cfg.columns or None, split=cfg.split)
+    train = load_records(cfg.train_file, **read)
     if cfg.val_file:
-        return train, read_jsonl(cfg.val_file, cfg.format)
+        return train, load_records(cfg.val_file, **read)
     if cfg.val_fraction:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
@@ -23,3 +35,76 @@ def read_splits(cfg: DataCfg, seed: int) -> tuple[list[Record], list[Record]]:
         val_idx = set(order[:n_val])
         return [r for i, r in enumerate(train) if i not in val_idx], [train[i] for i in sorted(val_idx)]
     return train, []
+
+
+@dataclass
+class DataReport:
+    train: TokenizeStats = field(default_factory=TokenizeStats)
+    val: TokenizeStats | None = None
+    dedup_train: DedupReport = field(default_factory=DedupReport)
+    dedup_val: DedupReport = field(default_factory=DedupReport)
+    leaked: list[str] = field(default_factory=list)  # where of leaked validation records
+    labels: Counter | None = None
+    oversampled: int = 0
+    cache_hits: int = 0
+
+    def lines(self) -> list[str]:
+        out = []
+        for name, d in (("train", self.dedup_train), ("validation", self.dedup_val)):
+            if d.removed:
+                out.append(f"{name}: removed {d.removed} duplicate(s), e.g. {d.examples[0]}")
+        if self.leaked:
+            out.append(
+                f"validation: {len(self.leaked)} record(s) also in training (leakage), e.g. {self.leaked[0]}"
+            )
+        if self.labels:
+            out.append("labels: " + ", ".join(f"{k!r} {v}" for k, v in self.labels.most_common()))
+        if self.oversampled:
+            out.append(f"oversampled minority labels: +{self.oversampled} training records")
+        if self.cache_hits:
+            out.append(f"tokenized data loaded from the cache ({self.cache_hits} split(s))")
+        return out
+
+
+def tokenize_cached(
+    tok, records: list[Record], cfg: DataCfg, template: str | None, use_cache: bool, tok_fp: str
+) -> tuple[list[Example], TokenizeStats, bool]:
+    from lora_tune.models import cache_dir
+
+    settings = {"max_length": cfg.max_length, "truncation": cfg.truncation, "loss_on": cfg.loss_on}
+    fp = cache.fingerprint(records, tok_fp, template, settings) if use_cache else ""
+    if use_cache and (hit := cache.load(cache_dir(), fp)) is not None:
+        return hit[0], hit[1], True
+    examples, stats = encode_records(tok, records, template=template, **settings)
+    if use_cache:
+        cache.save(cache_dir(), fp, examples, stats)
+    return examples, stats, False
+
+
+def prepare(
+    cfg: DataCfg, tok, template: str | None, seed: int, train_records: list[Record], val_records: list[Record]
+) -> tuple[list[Example], list[Example], DataReport]:
+    """Clean and tokenize both splits; returns (train examples, validation examples, report)."""
+    report = DataReport()
+    train_records, report.dedup_train = deduplicate(train_records, cfg.dedup)
+    val_records, report.dedup_val = deduplicate(val_records, cfg.dedup)
+    bad = leaked(train_records, val_records)
+    report.leaked = [val_records[i].where for i in bad]
+    if bad and cfg.leakage == "drop":
+        drop = set(bad)
+        val_records = [r for i, r in enumerate(val_records) if i not in drop]
+    labels = labels_of(train_records)
+    if labels is not None:
+        report.labels = Counter(labels)
+        if cfg.oversample_minority:
+            before = len(train_records)
+            train_records = oversample(train_records, labels, seed)
+            report.oversampled = len(train_records) - before
+    tok_fp = cache.tokenizer_fingerprint(tok) if cfg.cache else ""
+    train_ex, report.train, hit = tokenize_cached(tok, train_records, cfg, template, cfg.cache, tok_fp)
+    report.cache_hits += hit
+    val_ex: list[Example] = []
+    if val_records:
+        val_ex, report.val, hit = tokenize_cached(tok, val_records, cfg, template, cfg.cache, tok_fp)
+        report.cache_hits += hit
+    return train_ex, val_ex, report

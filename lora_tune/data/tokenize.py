@@ -1,4 +1,4 @@
-"""Turning records into token ids and labels, with the loss on assistant turns only.
+"""Turning records into token ids and labels, with the loss on responses only.
 
 The mask is derived from the rendered conversation, not from `{% generation %}` markers (which most
 templates, SmolLM2's included, lack): for each assistant turn we render the conversation up to the
@@ -11,19 +11,14 @@ way whatever follows them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lora_tune.data.formats import Record
+from lora_tune.data.templates import end_markers
 from lora_tune.errors import LoraTuneError
 
 IGNORE = -100
-
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-FALLBACK_TEMPLATES = {"chatml": CHATML}
+LOSS_ON = ("assistant", "completion", "all")
+TRUNCATION = ("truncate", "keep_end", "drop")
 
 
 @dataclass
@@ -42,33 +37,10 @@ class TokenizeStats:
     records: int = 0
     kept: int = 0
     truncated: int = 0
+    chunked: int = 0  # long plain-text documents split into several samples
     dropped_too_long: int = 0
     dropped_no_supervised: int = 0
     dropped_where: list[str] = field(default_factory=list)
-
-
-def resolve_chat_template(tok, fallback: str | None) -> str | None:
-    """The tokenizer's own template; else the named fallback (`chatml`) or a .jinja file."""
-    if getattr(tok, "chat_template", None):
-        return None  # use the tokenizer's
-    if fallback is None:
-        return None
-    if fallback in FALLBACK_TEMPLATES:
-        return FALLBACK_TEMPLATES[fallback]
-    path = Path(fallback)
-    if not path.is_file():
-        raise LoraTuneError(
-            f"data.chat_template={fallback!r} is neither 'chatml' nor an existing .jinja file"
-        )
-    return path.read_text(encoding="utf-8")
-
-
-def _end_markers(tok) -> list[str]:
-    markers = {tok.eos_token} if tok.eos_token else set()
-    for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>"):
-        if t in tok.get_vocab():
-            markers.add(t)
-    return sorted(markers, key=len, reverse=True)
 
 
 def _render(tok, messages, template, add_generation_prompt: bool) -> str:
@@ -81,20 +53,25 @@ def _render(tok, messages, template, add_generation_prompt: bool) -> str:
 def render_with_spans(
     tok, messages, template=None, loss_on: str = "assistant"
 ) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans the loss is computed on."""
+    """The rendered conversation and the character spans the loss is computed on.
+
+    `loss_on`: `assistant` (every assistant turn with weight 1), `completion` (the last assistant turn
+    only) or `all`.
+    """
     if not getattr(tok, "chat_template", None) and template is None:
         raise LoraTuneError(
-            "this tokenizer has no chat template, so `messages` data can't be formatted; "
-            "set data.chat_template=chatml (or a .jinja file)"
+            "this tokenizer has no chat template, so chat data can't be formatted; "
+            "set data.chat_template=chatml (or llama-3, alpaca, or a .jinja file)"
         )
     text = _render(tok, messages, template, add_generation_prompt=False)
     if loss_on == "all":
         return text, [(0, len(text))]
-    markers = _end_markers(tok)
+    markers = end_markers(tok)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     spans: list[tuple[int, int]] = []
     inserts: list[int] = []  # positions where the template wrote no end-of-turn token: we add EOS
     for i, m in enumerate(messages):
-        if m["role"] != "assistant" or m.get("weight", 1) == 0:
+        if m["role"] != "assistant" or m.get("weight", 1) == 0 or (loss_on == "completion" and i != last):
             continue
         before = _render(tok, messages[:i], template, add_generation_prompt=True) if i else ""
         upto = _render(tok, messages[: i + 1], template, add_generation_prompt=False)
@@ -104,8 +81,9 @@ def render_with_spans(
                 f"(assistant turn {i}), so the response can't be located; use data.loss_on=all"
             )
         start, end = len(before), len(upto)
-        content_at = text.find(m["content"], start, end)
-        search_from = content_at + len(m["content"]) if content_at >= 0 else start
+        content = m["content"].strip()
+        content_at = text.find(content, start, end)
+        search_from = content_at + len(content) if content_at >= 0 else start
         hits = [(text.find(mk, search_from, end), mk) for mk in markers]
         hits = [(pos, mk) for pos, mk in hits if pos >= 0]
         if hits:
@@ -117,20 +95,14 @@ def render_with_spans(
     if inserts:
         if not tok.eos_token:
             raise LoraTuneError("the chat template ends turns with no end token and the tokenizer has no EOS")
+        width = len(tok.eos_token)
         for pos in reversed(inserts):
             text = text[:pos] + tok.eos_token + text[pos:]
         spans = [
-            (
-                s + _shift(s, inserts, len(tok.eos_token), strict=True),
-                e + _shift(e, inserts, len(tok.eos_token)),
-            )
+            (s + width * sum(p < s for p in inserts), e + width * sum(p <= e for p in inserts))
             for s, e in spans
         ]
     return text, spans
-
-
-def _shift(pos: int, inserts: list[int], width: int, strict: bool = False) -> int:
-    return width * sum(1 for p in inserts if (p < pos if strict else p <= pos))
 
 
 def encode_messages(tok, messages, template=None, loss_on: str = "assistant") -> Example:
@@ -144,11 +116,54 @@ def encode_messages(tok, messages, template=None, loss_on: str = "assistant") ->
     return Example(ids, labels)
 
 
-def encode_text(tok, text: str) -> Example:
-    ids = list(tok(text, add_special_tokens=True)["input_ids"])
+def _with_eos(tok, ids: list[int]) -> list[int]:
     if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
-        ids.append(tok.eos_token_id)  # so the model learns where a document ends
+        return [*ids, tok.eos_token_id]  # so the model learns where a response or document ends
+    return ids
+
+
+def encode_text(tok, text: str) -> Example:
+    ids = _with_eos(tok, list(tok(text, add_special_tokens=True)["input_ids"]))
     return Example(ids, list(ids))
+
+
+def encode_prompt_completion(tok, prompt: str, completion: str, loss_on: str = "completion") -> Example:
+    """Raw (template-free) prompt + completion + EOS; the loss is on the completion and EOS by default.
+
+    The two parts are tokenized separately, as they are seen at inference (prompt given, completion
+    generated), so a token never straddles the boundary.
+    """
+    p = list(tok(prompt, add_special_tokens=True)["input_ids"]) if prompt else []
+    c = _with_eos(tok, list(tok(completion, add_special_tokens=not p)["input_ids"]))
+    labels = p + c if loss_on == "all" else [IGNORE] * len(p) + c
+    return Example(p + c, labels)
+
+
+def encode_record(tok, rec: Record, template: str | None = None, loss_on: str = "assistant") -> Example:
+    if rec.text is not None:
+        return encode_text(tok, rec.text)
+    if rec.prompt is not None:
+        return encode_prompt_completion(tok, rec.prompt, rec.completion, loss_on)
+    return encode_messages(tok, rec.messages, template, loss_on)
+
+
+def fit_length(ex: Example, max_length: int, truncation: str) -> Example | None:
+    """Cut a too-long example: keep its start (`truncate`), its end (`keep_end`), or None (`drop`)."""
+    if len(ex.input_ids) <= max_length:
+        return ex
+    if truncation == "drop":
+        return None
+    if truncation == "keep_end":
+        return Example(ex.input_ids[-max_length:], ex.labels[-max_length:])
+    return Example(ex.input_ids[:max_length], ex.labels[:max_length])
+
+
+def chunk_text(ex: Example, max_length: int) -> list[Example]:
+    """Split a long plain-text document into consecutive windows, so nothing of it is thrown away."""
+    return [
+        Example(ex.input_ids[i : i + max_length], ex.labels[i : i + max_length])
+        for i in range(0, len(ex.input_ids), max_length)
+    ]
 
 
 def encode_records(
@@ -163,23 +178,22 @@ def encode_records(
     stats = TokenizeStats(records=len(records))
     out = []
     for rec in records:
-        ex = (
-            encode_text(tok, rec.text)
-            if rec.text is not None
-            else encode_messages(tok, rec.messages, template, loss_on)
-        )
-        cut = len(ex.input_ids) > max_length
-        if cut:
-            if truncation == "drop":
-                stats.dropped_too_long += 1
-                stats.dropped_where.append(rec.where)
-                continue
-            ex = Example(ex.input_ids[:max_length], ex.labels[:max_length])
-        if ex.n_supervised == 0:
-            stats.dropped_no_supervised += 1
+        ex = encode_record(tok, rec, template, loss_on)
+        if rec.text is not None and len(ex.input_ids) > max_length and truncation != "drop":
+            pieces = [c for c in chunk_text(ex, max_length) if c.n_supervised > 0]
+            stats.chunked += 1
+            out.extend(pieces)
+            continue
+        fitted = fit_length(ex, max_length, truncation)
+        if fitted is None:
+            stats.dropped_too_long += 1
             stats.dropped_where.append(rec.where)
             continue
-        stats.truncated += cut
-        out.append(ex)
+        if fitted.n_supervised == 0:
+            stats.dropped_no_supervised += 1
+            stats.dropped_where.append(f"{rec.where} (no supervised token within {max_length} tokens)")
+            continue
+        stats.truncated += fitted is not ex
+        out.append(fitted)
     stats.kept = len(out)
     return out, stats

@@ -24,12 +24,14 @@ from rich.console import Console
 
 from lora_tune import config as C
 from lora_tune.data.batching import BatchStream, Position
+from lora_tune.data.splits import prepare as prepare_data
 from lora_tune.data.splits import read_splits
-from lora_tune.data.tokenize import IGNORE, TokenizeStats, encode_records, resolve_chat_template
+from lora_tune.data.templates import resolve_chat_template
+from lora_tune.data.tokenize import IGNORE, TokenizeStats
 from lora_tune.errors import LoraTuneError
 from lora_tune.models import attach_lora, count_parameters, load_model, prepare_for_training, resolve_source
 from lora_tune.train.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
-from lora_tune.train.loss import evaluate_loss, supervised_loss_sum
+from lora_tune.train.loss import evaluate_loss, real_tokens, supervised_loss_sum
 from lora_tune.train.metrics import MetricsLog, plot_losses
 from lora_tune.train.optim import build_optimizer, build_scheduler
 from lora_tune.train.precision import Precision, choose_device, choose_precision
@@ -89,12 +91,16 @@ def _describe_data(console: Console, name: str, stats: TokenizeStats, examples) 
     extra = []
     if stats.truncated:
         extra.append(f"{stats.truncated} truncated")
+    if stats.chunked:
+        extra.append(f"{stats.chunked} long text(s) split into chunks")
     if stats.dropped_too_long:
         extra.append(f"{stats.dropped_too_long} dropped as too long")
     if stats.dropped_no_supervised:
         extra.append(f"{stats.dropped_no_supervised} dropped with no supervised token left")
     more = f" ({', '.join(extra)})" if extra else ""
-    console.print(f"{name}: {stats.kept}/{stats.records} samples, {tokens} tokens, {sup} supervised{more}")
+    console.print(
+        f"{name}: {stats.kept} samples from {stats.records} records, {tokens} tokens, {sup} supervised{more}"
+    )
     if stats.dropped_where:
         console.print(
             f"  dropped: {', '.join(stats.dropped_where[:5])}{' ...' if len(stats.dropped_where) > 5 else ''}"
@@ -130,7 +136,7 @@ def optimizer_step(
     return {
         "loss": float(loss_total) / n_total,
         "tokens": n_total,
-        "real_tokens": int(sum(int(b["attention_mask"].sum()) for b in micro)),
+        "real_tokens": sum(real_tokens(b) for b in micro),
         "grad_norm": grad_norm,
     }
 
@@ -176,16 +182,15 @@ def train(
     template = resolve_chat_template(tok, cfg.data.chat_template)
     if template is not None:
         tok.chat_template = template  # saved with the adapter so generation uses the training template
-    encode = dict(max_length=cfg.data.max_length, truncation=cfg.data.truncation, loss_on=cfg.data.loss_on)
-    train_ex, stats = encode_records(tok, train_records, **encode)
-    _describe_data(console, "train", stats, train_ex)
+    train_ex, val_ex, report = prepare_data(cfg.data, tok, template, tc.seed, train_records, val_records)
+    _describe_data(console, "train", report.train, train_ex)
     if not train_ex:
         raise LoraTuneError("no training sample has a supervised token left; raise data.max_length")
-    val_ex: list = []
-    if val_records:
-        val_ex, vstats = encode_records(tok, val_records, **encode)
+    if val_ex:
         val_ex = val_ex[: cfg.eval.max_samples] if cfg.eval.max_samples else val_ex
-        _describe_data(console, "validation", vstats, val_ex)
+        _describe_data(console, "validation", report.val, val_ex)
+    for line in report.lines():
+        console.print(line, highlight=False)
 
     prepare_for_training(model, tc.gradient_checkpointing)
     model = attach_lora(model, cfg.lora)
@@ -196,7 +201,15 @@ def train(
     )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tc)
-    stream = BatchStream(train_ex, tc.micro_batch_size, tc.seed, tok.pad_token_id)
+    strategy = "pack" if cfg.data.packing else "group_by_length" if cfg.data.group_by_length else "pad"
+    stream = BatchStream(
+        train_ex,
+        tc.micro_batch_size,
+        tc.seed,
+        tok.pad_token_id,
+        strategy=strategy,
+        max_length=cfg.data.max_length,
+    )
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * len(stream) / tc.grad_accum))
     scheduler = build_scheduler(optimizer, tc, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)

@@ -28,25 +28,51 @@ def _has_plain_head(base) -> bool:
     )
 
 
-def supervised_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of token cross-entropies over supervised positions, number of those positions)."""
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Forward arguments for a padded batch (attention mask) or a packed one (position ids only).
+
+    Packed rows must run without a KV cache and without a 2D mask: transformers then derives a
+    block-diagonal mask from the restarting position ids. A cache would make it skip that and let
+    packed samples attend to each other.
+    """
+    if "position_ids" in batch:
+        return {
+            "input_ids": batch["input_ids"].to(device),
+            "position_ids": batch["position_ids"].to(device),
+            "use_cache": False,
+        }
+    return {
+        "input_ids": batch["input_ids"].to(device),
+        "attention_mask": batch["attention_mask"].to(device),
+        "use_cache": False,
+    }
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding tokens in a padded or packed batch."""
+    return int(batch["attention_mask" if "attention_mask" in batch else "real"].sum())
+
+
+def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy of each supervised position, boolean map of those positions over labels[:, 1:])."""
     device = next(p for p in model.parameters()).device
-    input_ids = batch["input_ids"].to(device)
-    attention_mask = batch["attention_mask"].to(device)
+    inputs = model_inputs(batch, device)
     target = batch["labels"][:, 1:].to(device)
     keep = target != IGNORE
-    n = int(keep.sum())
     base = _base(model)
     if _has_plain_head(base):
-        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = base.get_decoder()(**inputs)
         selected = hidden.last_hidden_state[:, :-1][keep]
         logits = base.get_output_embeddings()(selected)
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][
-            keep
-        ]
-    loss = F.cross_entropy(logits.float(), target[keep], reduction="sum")
-    return loss, n
+        logits = model(**inputs).logits[:, :-1][keep]
+    return F.cross_entropy(logits.float(), target[keep], reduction="none"), keep
+
+
+def supervised_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of token cross-entropies over supervised positions, number of those positions)."""
+    losses, keep = token_losses(model, batch)
+    return losses.sum(), int(keep.sum())
 
 
 @torch.no_grad()
