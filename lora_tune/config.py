@@ -35,15 +35,9 @@ def _f(default: Any, doc: str, **kw: Any) -> Any:
 @dataclass
 class ModelCfg:
     source: str = _f("builtin:smollm2-135m", "hub id, local HF folder, or builtin:smollm2-135m")
-    quantization: Quantization = _f(
-        "nf4", "base weights: nf4/fp4 (QLoRA), int8, or unquantized bf16/fp16/fp32"
-    )
-    double_quant: bool = _f(
-        True, "4-bit only: quantize the quantization constants too (~0.4 bit/param saved)"
-    )
-    trust_remote_code: bool = _f(
-        False, "allow model code from the hub to run (opt-in; only for sources you trust)"
-    )
+    quantization: Quantization = _f("nf4", "base weights: nf4/fp4 (QLoRA), int8, or unquantized bf16/fp16/fp32")
+    double_quant: bool = _f(True, "4-bit only: quantize the quantization constants too (~0.4 bit/param saved)")
+    trust_remote_code: bool = _f(False, "allow model code from the hub to run (opt-in; only for sources you trust)")
     revision: str | None = _f(None, "hub revision (branch, tag or commit) to load")
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa, eager, or flash_attention_2")
 
@@ -61,18 +55,14 @@ class LoraCfg:
 
 @dataclass
 class DataCfg:
-    train_file: str | None = _f(
-        None, "training data: a file (jsonl, json, csv, parquet, txt), a folder, or a hub id"
-    )
+    train_file: str | None = _f(None, "training data: a file (jsonl, json, csv, parquet, txt), a folder, or a hub id")
     val_file: str | None = _f(None, "validation data in the same format (optional)")
     val_fraction: float = _f(0.0, "hold out this fraction of train_file for validation when no val_file")
     split: str = _f("train", "split to read when train_file/val_file is a hub dataset id")
     format: Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"] = _f(
         "auto", "record format; auto-detected per record from its fields"
     )
-    columns: dict[str, str] = _f(
-        {}, "map our field names to yours, e.g. {prompt: question, completion: answer}"
-    )
+    columns: dict[str, str] = _f({}, "map our field names to yours, e.g. {prompt: question, completion: answer}")
     max_length: int = _f(1024, "maximum tokens per sample (and per packed row)")
     truncation: Literal["truncate", "keep_end", "drop"] = _f(
         "truncate", "too-long samples: cut the end, keep the end (the response), or drop; text is chunked"
@@ -88,12 +78,8 @@ class DataCfg:
     dedup: Literal["none", "exact", "normalized"] = _f(
         "exact", "remove duplicate records (normalized: case, punctuation and spacing ignored)"
     )
-    leakage: Literal["drop", "warn"] = _f(
-        "drop", "validation records also in training: drop them or only warn"
-    )
-    oversample_minority: bool = _f(
-        False, "classification-style data: repeat minority labels up to the majority"
-    )
+    leakage: Literal["drop", "warn"] = _f("drop", "validation records also in training: drop them or only warn")
+    oversample_minority: bool = _f(False, "classification-style data: repeat minority labels up to the majority")
     cache: bool = _f(True, "cache tokenized data (keyed by data, tokenizer, template and settings)")
 
 
@@ -195,14 +181,10 @@ def _coerce(key: str, value: Any, hint: Any, problems: list[str]) -> Any:
     if origin is Literal:
         if value not in args:
             choices = ", ".join(map(str, args))
-            problems.append(
-                f"`{key}`: {value!r} is not one of: {choices}{_closest(str(value), map(str, args))}"
-            )
+            problems.append(f"`{key}`: {value!r} is not one of: {choices}{_closest(str(value), map(str, args))}")
         return value
     if origin is dict:
-        if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-        ):
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             problems.append(f"`{key}`: expected a mapping of names to names, got {value!r}")
         return value
     if origin is list:
@@ -330,9 +312,7 @@ def parse_overrides(pairs: typing.Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            problems.append(
-                f"override {pair!r} is not of the form section.key=value (e.g. train.max_steps=10)"
-            )
+            problems.append(f"override {pair!r} is not of the form section.key=value (e.g. train.max_steps=10)")
             continue
         value = yaml.safe_load(raw) if raw else ""
         parts = key.strip().split(".")

@@ -53,8 +53,6 @@ def run_demo(
     console.print(table)
     first, last = (result.val_losses[0][1], result.val_losses[-1][1]) if result.val_losses else (None, None)
     if first is not None:
-        console.print(
-            f"validation loss {first:.3f} -> {last:.3f} in {result.steps} steps, {result.seconds:.0f} s"
-        )
+        console.print(f"validation loss {first:.3f} -> {last:.3f} in {result.steps} steps, {result.seconds:.0f} s")
     console.print(f"run directory: {result.run_dir} (adapter/, metrics.jsonl, loss.png, checkpoints/)")
     return result, before, after

@@ -6,9 +6,7 @@ import torch
 
 
 @torch.no_grad()
-def generate_reply(
-    model, tok, messages: list[dict], max_new_tokens: int = 64, temperature: float = 0.0
-) -> str:
+def generate_reply(model, tok, messages: list[dict], max_new_tokens: int = 64, temperature: float = 0.0) -> str:
     """The assistant's reply to `messages`; greedy when temperature is 0. Stops at end-of-turn/EOS."""
     device = next(model.parameters()).device
     enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)

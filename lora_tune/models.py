@@ -49,16 +49,12 @@ def resolve_source(source: str, log=print) -> str:
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
         if name not in BUILTINS:
-            raise LoraTuneError(
-                f"unknown builtin model {source!r}; available: builtin:{', builtin:'.join(BUILTINS)}"
-            )
+            raise LoraTuneError(f"unknown builtin model {source!r}; available: builtin:{', builtin:'.join(BUILTINS)}")
         return str(ensure_builtin(name, log=log))
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise LoraTuneError(
-                f"model folder {path} has no config.json; point model.source at a HF model folder"
-            )
+            raise LoraTuneError(f"model folder {path} has no config.json; point model.source at a HF model folder")
         return str(path)
     if source.startswith((".", "/", "~")) or source.count("/") > 1 or path.exists():
         raise LoraTuneError(f"model path {source} does not exist; check model.source")
@@ -79,9 +75,7 @@ def ensure_builtin(name: str, log=print) -> Path:
         )
     pkg_dir = Path(list(found.submodule_search_locations)[0])
     if not (pkg_dir / spec.gguf_file).is_file():
-        raise LoraTuneError(
-            f"{pkg_dir / spec.gguf_file} is missing; reinstall {spec.package.replace('_', '-')}"
-        )
+        raise LoraTuneError(f"{pkg_dir / spec.gguf_file} is missing; reinstall {spec.package.replace('_', '-')}")
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     log(f"converting {spec.description} to a HF folder in {target} (once)")
@@ -130,18 +124,14 @@ def quantization_config(cfg: ModelCfg, compute_dtype: torch.dtype):
 
 def weight_dtype(cfg: ModelCfg, precision: Precision) -> torch.dtype:
     """dtype of the weights that stay unquantized (all of them for bf16/fp16/fp32 runs)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
-        cfg.quantization, precision.dtype
-    )
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(cfg.quantization, precision.dtype)
 
 
 def load_tokenizer(path: str, cfg: ModelCfg):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(
-            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-        )
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
         raise LoraTuneError(f"could not load a tokenizer from {path!r}: {_first_line(e)}") from None
     fix_tokenizer(tok)
@@ -197,8 +187,7 @@ def load_model(cfg: ModelCfg, precision: Precision, path: str | None = None):
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise LoraTuneError(
-                f"{path} needs custom code from its repository; "
-                "if you trust it, set model.trust_remote_code=true"
+                f"{path} needs custom code from its repository; if you trust it, set model.trust_remote_code=true"
             ) from None
         raise
     if qcfg is None:
@@ -243,12 +232,8 @@ def attach_lora(model, cfg: LoraCfg):
     try:
         return get_peft_model(model, lcfg, autocast_adapter_dtype=True)
     except ValueError as e:
-        names = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        )
-        raise LoraTuneError(
-            f"lora.target_modules={target!r}: {_first_line(e)}; linear layers here: {names}"
-        ) from None
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise LoraTuneError(f"lora.target_modules={target!r}: {_first_line(e)}; linear layers here: {names}") from None
 
 
 def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):

@@ -88,9 +88,7 @@ def chat(q: str, a: str, system: str | None = None) -> dict:
 
 
 def write_jsonl(path: Path, rows) -> Path:
-    path.write_text(
-        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
-    )
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
     return path
 
 

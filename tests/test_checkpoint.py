@@ -47,9 +47,7 @@ def test_checkpoint_round_trip(tiny_model_dir, tmp_path, optimizer):
     random.seed(5)
     np.random.seed(5)
     torch.manual_seed(5)
-    path = save_checkpoint(
-        tmp_path, 3, pm, opt, sched, scaler, {"position": {"epoch": 0, "index": 3}}, keep_last=2
-    )
+    path = save_checkpoint(tmp_path, 3, pm, opt, sched, scaler, {"position": {"epoch": 0, "index": 3}}, keep_last=2)
     expect_rng = (random.random(), np.random.rand(), torch.rand(1))
 
     pm2, params2, opt2, sched2, scaler2 = _setup(tiny_model_dir, 99, optimizer)  # different init

@@ -29,9 +29,7 @@ def test_all_problems_reported_at_once_with_suggestions():
 
 def test_yaml_floats_and_lists_are_coerced():
     # YAML 1.1 reads 2e-4 as a string; the config must still take it as a number.
-    cfg = from_dict(
-        {"data": {"train_file": "x"}, "train": {"lr": "2e-4"}, "lora": {"target_modules": "q_proj,v_proj"}}
-    )
+    cfg = from_dict({"data": {"train_file": "x"}, "train": {"lr": "2e-4"}, "lora": {"target_modules": "q_proj,v_proj"}})
     assert cfg.train.lr == pytest.approx(2e-4)
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
 

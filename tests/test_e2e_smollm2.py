@@ -27,9 +27,7 @@ def smollm2() -> Path:
 def test_builtin_conversion_is_a_clean_hf_folder(smollm2):
     names = {p.name for p in smollm2.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
-    assert not [
-        p for p in (cache_dir() / "models").iterdir() if p.name.startswith(".")
-    ]  # no half-written copies
+    assert not [p for p in (cache_dir() / "models").iterdir() if p.name.startswith(".")]  # no half-written copies
     tok = load_tokenizer(str(smollm2), ModelCfg())
     assert tok.chat_template and tok.pad_token != tok.eos_token
 
@@ -64,9 +62,7 @@ def test_qlora_cli_run_lowers_validation_loss(smollm2, tmp_path):
         "train.eval_every=6",
         "train.save_every=6",
     ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     val = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r.get("split") == "val"]
     assert len(val) == 3

@@ -20,9 +20,7 @@ CPU32 = Precision(torch.device("cpu"), torch.float32, "test")
 
 
 def _examples(tok, n=8):
-    rows = [
-        chat(f"what is {i} plus {i}?", "the answer is " + "many " * (i % 4) + f"{2 * i}.") for i in range(n)
-    ]
+    rows = [chat(f"what is {i} plus {i}?", "the answer is " + "many " * (i % 4) + f"{2 * i}.") for i in range(n)]
     records = [parse_record(r, f"mem:{i}")[0] for i, r in enumerate(rows)]
     return encode_records(tok, records, max_length=64)[0]
 

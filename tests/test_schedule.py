@@ -10,9 +10,7 @@ from lora_tune.train.optim import build_scheduler, lr_factor
 
 
 def test_warmup_is_linear_and_reaches_peak():
-    assert [lr_factor(s, 10, 4, "constant") for s in range(6)] == pytest.approx(
-        [0.2, 0.4, 0.6, 0.8, 1.0, 1.0]
-    )
+    assert [lr_factor(s, 10, 4, "constant") for s in range(6)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
 
 
 def test_cosine_goes_from_peak_to_min_at_last_step():

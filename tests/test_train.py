@@ -96,9 +96,7 @@ def test_resume_refuses_changed_settings(tiny_model_dir, chat_files, tmp_path):
         )
     assert "train.lr" in str(e.value) and "lora.r" in str(e.value)
     # cadence settings may change
-    res = train(
-        _cfg(tiny_model_dir, chat_files, out, **{"train.max_steps": 2, "train.log_every": 5}), resume=True
-    )
+    res = train(_cfg(tiny_model_dir, chat_files, out, **{"train.max_steps": 2, "train.log_every": 5}), resume=True)
     assert res.resumed_from == 2
 
 
@@ -115,11 +113,7 @@ def _cli(args, **kw):
 
 
 def _train_losses(run: Path) -> list[tuple[int, float]]:
-    return [
-        (r["step"], r["loss"])
-        for r in read_metrics(run / "metrics.jsonl")
-        if r.get("split", "train") == "train"
-    ]
+    return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if r.get("split", "train") == "train"]
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model_dir, chat_files, tmp_path):

@@ -50,9 +50,7 @@ def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Te
         for e in row:
             n = len(e.input_ids)
             ids[r, at : at + n] = torch.tensor(e.input_ids)
-            labels[r, at + 1 : at + n] = torch.tensor(
-                e.labels[1:]
-            )  # first token: not a target across samples
+            labels[r, at + 1 : at + n] = torch.tensor(e.labels[1:])  # first token: not a target across samples
             pos[r, at : at + n] = torch.arange(n)
             real[r, at : at + n] = 1
             at += n

@@ -25,11 +25,7 @@ VERSION = "1"  # bump when tokenization logic changes, so old entries are not re
 def tokenizer_fingerprint(tok) -> str:
     h = hashlib.sha256()
     backend = getattr(tok, "backend_tokenizer", None)
-    h.update(
-        backend.to_str().encode()
-        if backend is not None
-        else json.dumps(sorted(tok.get_vocab().items())).encode()
-    )
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(sorted(tok.get_vocab().items())).encode())
     h.update(
         json.dumps(
             [

@@ -39,13 +39,7 @@ class Record:
 
     @property
     def kind(self) -> str:
-        return (
-            "text"
-            if self.text is not None
-            else "prompt_completion"
-            if self.prompt is not None
-            else "messages"
-        )
+        return "text" if self.text is not None else "prompt_completion" if self.prompt is not None else "messages"
 
     def content(self) -> dict[str, Any]:
         """The record's data without its location (for hashing and duplicate checks)."""
@@ -127,8 +121,8 @@ def _check_messages(msgs: Any, where: str, field: str = "messages") -> list[str]
             continue
         if expected is not None and role != expected:
             problems.append(
-                f"{at}: expected a {expected} turn here (roles must alternate user/assistant after an "
-                f"optional system message), got {role}"
+                f"{at}: expected {'an assistant' if expected == 'assistant' else 'a user'} turn here "
+                f"(roles must alternate user/assistant after an optional system message), got {role}"
             )
         if expected is not None:
             expected = "assistant" if role == "user" else "user"
@@ -171,14 +165,10 @@ def parse_record(
         prompt, completion = _maybe_json(obj.get("prompt")), _maybe_json(obj.get("completion"))
         if isinstance(prompt, list) or isinstance(completion, list):  # conversational prompt-completion
             if not (isinstance(prompt, list) and isinstance(completion, list)):
-                return None, [
-                    f"{where}: `prompt` and `completion` must both be strings or both lists of messages"
-                ]
+                return None, [f"{where}: `prompt` and `completion` must both be strings or both lists of messages"]
             problems = _check_messages(prompt + completion, where, "prompt+completion")
             return (None, problems) if problems else (Record(where, messages=prompt + completion), [])
-        problems = _nonempty_str(obj, "prompt", where, required=False) + _nonempty_str(
-            obj, "completion", where
-        )
+        problems = _nonempty_str(obj, "prompt", where, required=False) + _nonempty_str(obj, "completion", where)
         if "prompt" not in obj:
             problems.insert(0, f"{where}: missing `prompt`")
         return (None, problems) if problems else (Record(where, prompt=prompt, completion=completion), [])

@@ -115,9 +115,7 @@ def _files(path: Path) -> list[Path]:
             raise LoraTuneError(f"folder {path} holds no data files ({', '.join(SUFFIXES)})")
         return found
     if path.suffix.lower() not in SUFFIXES:
-        raise LoraTuneError(
-            f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}"
-        )
+        raise LoraTuneError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
     return [path]
 
 

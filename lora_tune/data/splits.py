@@ -54,9 +54,7 @@ class DataReport:
             if d.removed:
                 out.append(f"{name}: removed {d.removed} duplicate(s), e.g. {d.examples[0]}")
         if self.leaked:
-            out.append(
-                f"validation: {len(self.leaked)} record(s) also in training (leakage), e.g. {self.leaked[0]}"
-            )
+            out.append(f"validation: {len(self.leaked)} record(s) also in training (leakage), e.g. {self.leaked[0]}")
         if self.labels:
             out.append("labels: " + ", ".join(f"{k!r} {v}" for k, v in self.labels.most_common()))
         if self.oversampled:

@@ -41,9 +41,7 @@ def resolve_chat_template(tok, fallback: str | None) -> str | None:
     path = Path(fallback)
     if not path.is_file():
         names = ", ".join(FALLBACK_TEMPLATES)
-        raise LoraTuneError(
-            f"data.chat_template={fallback!r} is neither one of {names} nor an existing .jinja file"
-        )
+        raise LoraTuneError(f"data.chat_template={fallback!r} is neither one of {names} nor an existing .jinja file")
     return path.read_text(encoding="utf-8")
 
 

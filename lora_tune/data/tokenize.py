@@ -10,6 +10,7 @@ way whatever follows them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from lora_tune.data.formats import Record
@@ -50,9 +51,7 @@ def _render(tok, messages, template, add_generation_prompt: bool) -> str:
     )
 
 
-def render_with_spans(
-    tok, messages, template=None, loss_on: str = "assistant"
-) -> tuple[str, list[tuple[int, int]]]:
+def render_with_spans(tok, messages, template=None, loss_on: str = "assistant") -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans the loss is computed on.
 
     `loss_on`: `assistant` (every assistant turn with weight 1), `completion` (the last assistant turn
@@ -75,16 +74,20 @@ def render_with_spans(
             continue
         before = _render(tok, messages[:i], template, add_generation_prompt=True) if i else ""
         upto = _render(tok, messages[: i + 1], template, add_generation_prompt=False)
-        if not (upto.startswith(before) and text.startswith(upto)):
+        if not text.startswith(before):
             raise LoraTuneError(
                 "the chat template renders earlier turns differently depending on what follows "
-                f"(assistant turn {i}), so the response can't be located; use data.loss_on=all"
+                f"(assistant turn {i}), so the response can't be located; use data.loss_on=completion "
+                "(last turn only) or data.loss_on=all"
             )
-        start, end = len(before), len(upto)
+        start = len(before)
+        # Where the turn ends in the full text: the part `upto` shares with it (some templates, e.g.
+        # Phi-3's, append EOS only after the last turn, so `upto` need not be a prefix of `text`).
+        bound = len(os.path.commonprefix([upto, text]))
         content = m["content"].strip()
-        content_at = text.find(content, start, end)
+        content_at = text.find(content, start, bound) if content else -1
         search_from = content_at + len(content) if content_at >= 0 else start
-        hits = [(text.find(mk, search_from, end), mk) for mk in markers]
+        hits = [(text.find(mk, search_from, bound), mk) for mk in markers]
         hits = [(pos, mk) for pos, mk in hits if pos >= 0]
         if hits:
             pos, mk = min(hits)
@@ -98,10 +101,7 @@ def render_with_spans(
         width = len(tok.eos_token)
         for pos in reversed(inserts):
             text = text[:pos] + tok.eos_token + text[pos:]
-        spans = [
-            (s + width * sum(p < s for p in inserts), e + width * sum(p <= e for p in inserts))
-            for s, e in spans
-        ]
+        spans = [(s + width * sum(p < s for p in inserts), e + width * sum(p <= e for p in inserts)) for s, e in spans]
     return text, spans
 
 

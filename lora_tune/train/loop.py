@@ -98,9 +98,7 @@ def _describe_data(console: Console, name: str, stats: TokenizeStats, examples) 
     if stats.dropped_no_supervised:
         extra.append(f"{stats.dropped_no_supervised} dropped with no supervised token left")
     more = f" ({', '.join(extra)})" if extra else ""
-    console.print(
-        f"{name}: {stats.kept} samples from {stats.records} records, {tokens} tokens, {sup} supervised{more}"
-    )
+    console.print(f"{name}: {stats.kept} samples from {stats.records} records, {tokens} tokens, {sup} supervised{more}")
     if stats.dropped_where:
         console.print(
             f"  dropped: {', '.join(stats.dropped_where[:5])}{' ...' if len(stats.dropped_where) > 5 else ''}"
@@ -159,9 +157,7 @@ def save_adapter(model, tok, out: Path, meta: dict) -> Path:
     return out
 
 
-def train(
-    cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console: Console | None = None
-) -> TrainResult:
+def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> TrainResult:
     """Fine-tune `cfg.model` with LoRA on `cfg.data`; writes the run directory and returns a summary."""
     console = console or Console(soft_wrap=True)
     t_start = time.perf_counter()
@@ -196,8 +192,7 @@ def train(
     model = attach_lora(model, cfg.lora)
     trainable, total = count_parameters(model)
     console.print(
-        f"LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters "
-        f"({100 * trainable / total:.2f}%)"
+        f"LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
     )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tc)
@@ -260,9 +255,7 @@ def train(
     with StepProgress(console, total_steps, step, tc.log_every) as bar:
         while step < total_steps:
             lr = scheduler.get_last_lr()[0]
-            out = optimizer_step(
-                model, stream, tc.grad_accum, precision, scaler, optimizer, params, tc.max_grad_norm
-            )
+            out = optimizer_step(model, stream, tc.grad_accum, precision, scaler, optimizer, params, tc.max_grad_norm)
             scheduler.step()
             step += 1
             state["tokens_seen"] += out["tokens"]
@@ -292,9 +285,7 @@ def train(
                 if v is not None:
                     bar.note(f"step {step}: validation loss {v:.4f}")
                     if _should_stop(state, v, tc):
-                        bar.note(
-                            f"early stopping: no improvement in {tc.early_stopping_patience} evaluations"
-                        )
+                        bar.note(f"early stopping: no improvement in {tc.early_stopping_patience} evaluations")
                         result.stopped_early = True
             state["position"] = {"epoch": stream.position.epoch, "index": stream.position.index}
             if tc.save_every and step % tc.save_every == 0 or step == total_steps or result.stopped_early:
@@ -318,9 +309,7 @@ def train(
     save_adapter(model, tok, result.adapter_dir, meta)
     plot_losses(log.read(), run_dir / "loss.png", title=f"{cfg.model.source} - {run_dir.name}")
     result.seconds = time.perf_counter() - t_start
-    console.print(
-        f"adapter saved to {result.adapter_dir}; metrics in {log.path}; plot in {run_dir / 'loss.png'}"
-    )
+    console.print(f"adapter saved to {result.adapter_dir}; metrics in {log.path}; plot in {run_dir / 'loss.png'}")
     return result
 
 

@@ -74,9 +74,7 @@ def choose_precision(requested: str, device: torch.device, weight_dtype: str | N
             )
         requested = weight_dtype
     if device.type == "cpu" and requested == "fp16":
-        raise LoraTuneError(
-            "fp16 training is not supported on the CPU; use bf16 or fp32 (train.precision=auto)"
-        )
+        raise LoraTuneError("fp16 training is not supported on the CPU; use bf16 or fp32 (train.precision=auto)")
     if requested != "auto":
         dtype = _DTYPES[requested]
         if device.type == "cuda" and dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
@@ -89,9 +87,5 @@ def choose_precision(requested: str, device: torch.device, weight_dtype: str | N
         return Precision(device, torch.float16, "fp16 autocast + GradScaler: this GPU has no bf16")
     speedup = cpu_bf16_speedup()
     if speedup > 1.1:
-        return Precision(
-            device, torch.bfloat16, f"bf16 autocast: measured {speedup:.1f}x faster than fp32 here"
-        )
-    return Precision(
-        device, torch.float32, f"fp32: bf16 measured only {speedup:.2f}x fp32's speed on this CPU"
-    )
+        return Precision(device, torch.bfloat16, f"bf16 autocast: measured {speedup:.1f}x faster than fp32 here")
+    return Precision(device, torch.float32, f"fp32: bf16 measured only {speedup:.2f}x fp32's speed on this CPU")
