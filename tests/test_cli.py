@@ -65,3 +65,27 @@ def test_bad_data_lines_fail_fast_with_file_and_line(tmp_path, tiny_model_dir):
 def test_config_reference_is_a_table():
     code, out = run(["config-reference"])
     assert code == 0 and "| `train.lr` |" in out
+
+
+def test_data_inspect_good_file(tmp_path, tiny_model_dir):
+    from conftest import chat
+
+    data = write_jsonl(tmp_path / "d.jsonl", [chat("hello", "hi there"), chat("hello", "hi there"), {"text": "doc"}])
+    code, out = run(["data", "inspect", str(data), "--model", str(tiny_model_dir), "--max-length", "64"])
+    assert code == 0, out
+    assert "valid records" in out and "3 (messages 2, text 1)" in out
+    assert "1 exact" in out  # the duplicate
+    assert "tokens per record" in out and "histogram" in out
+    assert "⟦hi there<|im_end|>⟧" in out  # the rendered sample marks what is trained on
+
+
+def test_data_inspect_bad_file_lists_every_problem(tmp_path, tiny_model_dir):
+    from conftest import chat
+
+    long_prompt = chat("the quick brown fox " * 40, "yes")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, "{bad", long_prompt, {"messages": [{"role": "user"}]}])
+    code, out = run(["data", "inspect", str(data), "--model", str(tiny_model_dir), "--max-length", "32"])
+    assert code == 1 and "Traceback" not in out
+    assert f"{data}:2: invalid JSON" in out
+    assert f"{data}:3: no supervised token left after truncation" in out
+    assert f"{data}:4: messages[0]: `content` must be a string" in out

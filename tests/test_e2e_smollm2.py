@@ -69,3 +69,23 @@ def test_qlora_cli_run_lowers_validation_loss(smollm2, tmp_path):
     assert val[-1] < val[0] - 0.3, val
     assert "quantization: nf4" in (out / "config.yaml").read_text()
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_data_inspect_with_the_real_tokenizer(smollm2):
+    cmd = [
+        sys.executable,
+        "-m",
+        "lora_tune.cli",
+        "data",
+        "inspect",
+        str(ASSETS / "demo_train.jsonl"),
+        "--max-length",
+        "64",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1  # 24 tokens cut every answer to nothing: each such record is reported
+    assert f"{ASSETS / 'demo_train.jsonl'}:1: no supervised token left" in proc.stdout
+    cmd[-1] = "256"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "37 (messages 37)" in proc.stdout and "⟦Hi, this is Nimbus Support!" in proc.stdout
