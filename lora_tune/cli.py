@@ -127,6 +127,180 @@ def data_inspect(
     sys.exit(0 if rep.ok else 1)
 
 
+def _model_options(f):
+    """--model / --adapter / --run / --quantization / --device, shared by eval, generate and chat."""
+    f = click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))(f)
+    f = click.option(
+        "--quantization",
+        default=None,
+        type=click.Choice(["nf4", "fp4", "int8", "bf16", "fp16", "fp32"]),
+        help="base weights (default: as trained for an adapter, else bf16)",
+    )(f)
+    f = click.option("--run", "run_dir", default=None, help="a lora-tune run directory (uses its adapter/)")(f)
+    f = click.option("--adapter", default=None, help="an adapter folder")(f)
+    return click.option(
+        "--model",
+        "model_source",
+        default=None,
+        help="base model: hub id, local folder or builtin:smollm2-135m (default: the adapter's)",
+    )(f)
+
+
+def _sampling_options(f):
+    f = click.option("--repetition-penalty", default=1.0, show_default=True, type=float)(f)
+    f = click.option("--top-p", default=1.0, show_default=True, type=float)(f)
+    f = click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy")(f)
+    return click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))(f)
+
+
+@main.command("eval")
+@_model_options
+@click.option("--data", default=None, help="chat / instruction / prompt-completion records to score")
+@click.option("--text", default=None, help="raw text (file or folder) for strided perplexity")
+@click.option(
+    "--metrics",
+    default="perplexity",
+    show_default=True,
+    help="comma list of: perplexity, f1, exact_match, rouge_l, accuracy, macro_f1",
+)
+@click.option("--labels", default=None, help="comma list of class labels (accuracy, macro_f1)")
+@click.option("--label-mode", default="likelihood", show_default=True, type=click.Choice(["likelihood", "generate"]))
+@click.option("--compare", is_flag=True, help="also evaluate the base model alone and report deltas")
+@click.option("--max-samples", default=None, type=click.IntRange(min=1))
+@click.option("--max-length", default=2048, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--window", default=None, type=click.IntRange(min=2), help="strided perplexity window (default: context)")
+@click.option(
+    "--stride", default=None, type=click.IntRange(min=1), help="strided perplexity stride (default: window/2)"
+)
+@click.option("--out", default=None, help="write the report here as JSON (and .md beside it)")
+@_sampling_options
+def eval_cmd(
+    model_source,
+    adapter,
+    run_dir,
+    quantization,
+    device,
+    data,
+    text,
+    metrics,
+    labels,
+    label_mode,
+    compare,
+    max_samples,
+    max_length,
+    batch_size,
+    window,
+    stride,
+    out,
+    max_new_tokens,
+    temperature,
+    top_p,
+    repetition_penalty,
+) -> None:
+    """Score a model (base, adapter, or both with --compare) with perplexity and task metrics."""
+    from rich.console import Console
+
+    from lora_tune.evaluate.generate import Sampling
+    from lora_tune.evaluate.run import EvalSettings, ModelSpec, print_report, run_eval, write_report
+
+    console = Console(soft_wrap=True)
+    try:
+        spec = ModelSpec.resolve(model_source, adapter, run_dir, quantization)
+        settings = EvalSettings(
+            data=data,
+            text=text,
+            metrics=[m.strip() for m in metrics.split(",") if m.strip()],
+            labels=[x.strip() for x in labels.split(",")] if labels else None,
+            label_mode=label_mode,
+            max_samples=max_samples,
+            max_length=max_length,
+            batch_size=batch_size,
+            window=window,
+            stride=stride,
+            sampling=Sampling(max_new_tokens, temperature, top_p, repetition_penalty),
+        )
+        report = run_eval(spec, settings, compare=compare, device=device, console=console)
+    except LoraTuneError as e:
+        _fail(e)
+    print_report(report, console)
+    if out:
+        paths = write_report(report, out)
+        console.print(f"report written to {paths[0]} and {paths[1]}")
+
+
+def _load_chat_model(model_source, adapter, run_dir, quantization, device):
+    from lora_tune.evaluate.run import ModelSpec, load_for_inference
+
+    spec = ModelSpec.resolve(model_source, adapter, run_dir, quantization)
+    return load_for_inference(spec, device)[:2]
+
+
+@main.command()
+@_model_options
+@click.option("--prompt", required=True, help="the user message")
+@click.option("--system", default=None, help="an optional system message")
+@_sampling_options
+def generate(
+    model_source,
+    adapter,
+    run_dir,
+    quantization,
+    device,
+    prompt,
+    system,
+    max_new_tokens,
+    temperature,
+    top_p,
+    repetition_penalty,
+) -> None:
+    """Answer one prompt with the chat template, streaming to the terminal."""
+    from lora_tune.evaluate.generate import Sampling, stream_reply
+
+    try:
+        model, tok = _load_chat_model(model_source, adapter, run_dir, quantization, device)
+    except LoraTuneError as e:
+        _fail(e)
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    stream_reply(model, tok, msgs, Sampling(max_new_tokens, temperature, top_p, repetition_penalty), click.echo)
+
+
+@main.command()
+@_model_options
+@click.option("--system", default=None, help="an optional system message")
+@_sampling_options
+def chat(
+    model_source, adapter, run_dir, quantization, device, system, max_new_tokens, temperature, top_p, repetition_penalty
+) -> None:
+    """Interactive multi-turn chat (keeps history; /reset clears it, /exit or Ctrl-D quits)."""
+    from lora_tune.evaluate.generate import Sampling, stream_reply
+
+    try:
+        model, tok = _load_chat_model(model_source, adapter, run_dir, quantization, device)
+    except LoraTuneError as e:
+        _fail(e)
+    sampling = Sampling(max_new_tokens, temperature, top_p, repetition_penalty)
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    click.echo("chat: /reset clears the history, /exit quits")
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            history = list(start)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        click.echo("assistant> ", nl=False)
+        reply = stream_reply(model, tok, history, sampling, lambda s, **kw: click.echo(s, **kw))
+        history.append({"role": "assistant", "content": reply})
+
+
 @main.command("config-reference")
 def config_reference() -> None:
     """Print every config key with its default and meaning (markdown)."""

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lora_tune.config import RunCfg, load_config
-from lora_tune.generate import generate_reply
+from lora_tune.evaluate.generate import generate_reply
 from lora_tune.models import load_adapter, load_model, resolve_source
 from lora_tune.train.loop import TrainResult, train
 from lora_tune.train.precision import choose_device, choose_precision

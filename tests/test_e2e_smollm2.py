@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -81,3 +82,79 @@ def test_data_inspect_with_the_real_tokenizer(smollm2):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "37 (messages 37)" in proc.stdout and "⟦Hi, this is Nimbus Support!" in proc.stdout
+
+
+def test_eval_cli_on_smollm2(smollm2, tmp_path):
+    """A handful of examples: perplexity, F1/EM on generations, strided text perplexity, label likelihood."""
+    sentiment = tmp_path / "sentiment.jsonl"
+    rows = [
+        ("I loved this film, wonderful acting.", "positive"),
+        ("Terrible, boring and far too long.", "negative"),
+        ("A delight from start to finish.", "positive"),
+        ("I want my money back. Awful.", "negative"),
+    ]
+    sentiment.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Is this review positive or negative? {t}"},
+                        {"role": "assistant", "content": lab},
+                    ]
+                }
+            )
+            + "\n"
+            for t, lab in rows
+        )
+    )
+    text = tmp_path / "doc.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    out = tmp_path / "r.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "lora_tune.cli",
+        "eval",
+        "--model",
+        "builtin:smollm2-135m",
+        "--data",
+        str(ASSETS / "demo_val.jsonl"),
+        "--max-samples",
+        "3",
+        "--metrics",
+        "perplexity,f1,exact_match",
+        "--max-new-tokens",
+        "16",
+        "--text",
+        str(text),
+        "--window",
+        "64",
+        "--stride",
+        "32",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads(out.read_text())["results"]["base"]["metrics"]
+    assert 1 < m["perplexity"] < 1000 and 0 <= m["f1"] <= 1 and m["exact_match"] == 0.0
+    assert 1 < m["text_perplexity"] < 10  # a repeated sentence becomes very predictable
+    cmd = [
+        sys.executable,
+        "-m",
+        "lora_tune.cli",
+        "eval",
+        "--model",
+        "builtin:smollm2-135m",
+        "--data",
+        str(sentiment),
+        "--metrics",
+        "accuracy,macro_f1",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())["results"]["base"]
+    assert report["details"]["classes"]["labels"] == ["negative", "positive"]
+    assert report["metrics"]["accuracy"] >= 0.75  # the instruct model already gets these easy reviews

@@ -107,6 +107,7 @@ def test_column_mapping():
         ({"instruction": "do", "output": ""}, "`output` is empty"),
         ({"prompt": "p", "completion": 3}, "`completion` must be a string"),
         ({"answer": "x"}, "no known fields"),
+        ({"messages": [{"role": "user", "content": "a", "tool_calls": []}]}, "unsupported field(s) tool_calls"),
         ([1, 2], "expected a JSON object"),
     ],
 )

@@ -133,12 +133,16 @@ class BatchStream:
         else:
             order = self._perm(len(self.examples), epoch)
             if self.strategy == "group_by_length":
-                # sort within windows of 64 batches, so batches stay random but hold similar lengths
-                window = 64 * bs
+                # Sort within windows of 16 batches by length with +-10% seeded jitter: batches hold
+                # similar lengths, yet their composition changes from epoch to epoch (plain sorting
+                # would give a small data set the very same batches every epoch).
+                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 1)
+                jitter = (0.9 + 0.2 * torch.rand(len(self.examples), generator=g)).tolist()
+                window = 16 * bs
                 order = [
                     i
                     for w in range(0, len(order), window)
-                    for i in sorted(order[w : w + window], key=lambda j: -len(self.examples[j].input_ids))
+                    for i in sorted(order[w : w + window], key=lambda j: -len(self.examples[j].input_ids) * jitter[j])
                 ]
             batches = [[[i] for i in order[k : k + bs]] for k in range(0, len(order), bs)]
             if self.strategy == "group_by_length" and self.shuffle:

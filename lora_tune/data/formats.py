@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
+MESSAGE_KEYS = {"role", "content", "weight", "name"}
 FORMATS = ("text", "prompt_completion", "alpaca", "sharegpt", "messages")
 SHAREGPT_ROLES = {
     "system": "system",
@@ -113,6 +114,12 @@ def _check_messages(msgs: Any, where: str, field: str = "messages") -> list[str]
             problems.append(f"{at}: `content` must be a string, got {type(content).__name__}")
         elif role == "assistant" and not content.strip():
             problems.append(f"{at}: empty assistant content; remove the turn or fill it in")
+        unknown = sorted(map(str, set(m) - MESSAGE_KEYS))
+        if unknown:
+            problems.append(
+                f"{at}: unsupported field(s) {', '.join(unknown)}; a turn has role, content and "
+                "optionally weight (tool calls are not supported)"
+            )
         if "weight" in m and (m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
             problems.append(f"{at}: `weight` must be 0 or 1, got {m['weight']!r}")
         if role == "system":

@@ -65,7 +65,7 @@ def labels_of(records: list[Record], max_classes: int = 20) -> list[str] | None:
         return None
     labels = [x.strip() for x in responses]
     counts = Counter(labels)
-    if len(counts) > max_classes or len(counts) >= len(labels) / 2 or any(len(x.split()) > 4 for x in counts):
+    if len(counts) > max_classes or len(counts) > len(labels) / 2 or any(len(x.split()) > 4 for x in counts):
         return None
     return labels
 

@@ -1,0 +1,104 @@
+"""Generation: batched and KV-cached with left padding, using the tokenizer's (training) chat template."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lora_tune.data.templates import end_markers
+
+
+@dataclass
+class Sampling:
+    """Decoding settings; temperature 0 means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def kwargs(self) -> dict:
+        sample = self.temperature > 0
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": sample,
+            "temperature": self.temperature if sample else None,
+            "top_p": self.top_p if sample else None,
+            "top_k": None,
+            "repetition_penalty": self.repetition_penalty,
+        }
+
+
+def stop_ids(tok) -> list[int]:
+    """EOS and every end-of-turn token the tokenizer knows: generation stops at any of them."""
+    ids = {tok.convert_tokens_to_ids(t) for t in end_markers(tok)}
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tok.unk_token_id)
+
+
+def prompt_text(tok, messages: list[dict]) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate_texts(model, tok, prompts: list[str], sampling: Sampling, batch_size: int = 8) -> tuple[list[str], float]:
+    """Complete already-rendered prompts in left-padded batches; returns (texts, new tokens per second)."""
+    device = next(model.parameters()).device
+    was_training, side = model.training, tok.padding_side
+    model.eval()
+    tok.padding_side = "left"  # new tokens must follow each prompt directly
+    outs: list[str] = []
+    new_tokens, t0 = 0, time.perf_counter()
+    try:
+        for lo in range(0, len(prompts), batch_size):
+            enc = tok(prompts[lo : lo + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            out = model.generate(
+                **enc, **sampling.kwargs(), use_cache=True, pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(tok)
+            )
+            gen = out[:, enc["input_ids"].shape[1] :]
+            stops = torch.tensor(stop_ids(tok), device=gen.device)
+            for row in gen:
+                ended = torch.isin(row, stops).nonzero()
+                n = int(ended[0]) + 1 if len(ended) else len(row)
+                new_tokens += n
+                outs.append(tok.decode(row[:n], skip_special_tokens=True).strip())
+    finally:
+        tok.padding_side = side
+        model.train(was_training)
+    return outs, new_tokens / max(time.perf_counter() - t0, 1e-9)
+
+
+def generate_reply(model, tok, messages: list[dict], max_new_tokens: int = 64, temperature: float = 0.0) -> str:
+    """The assistant's reply to one conversation."""
+    texts, _ = generate_texts(model, tok, [prompt_text(tok, messages)], Sampling(max_new_tokens, temperature))
+    return texts[0]
+
+
+def stream_reply(model, tok, messages: list[dict], sampling: Sampling, emit) -> str:
+    """Generate one reply, passing text pieces to `emit(text, nl=False)` as they come; returns the reply."""
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer
+
+    device = next(model.parameters()).device
+    enc = tok(prompt_text(tok, messages), return_tensors="pt", add_special_tokens=False).to(device)
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    kwargs = dict(
+        **enc,
+        **sampling.kwargs(),
+        use_cache=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=stop_ids(tok),
+        streamer=streamer,
+    )
+    thread = Thread(target=model.generate, kwargs=kwargs, daemon=True)
+    thread.start()
+    pieces = []
+    for piece in streamer:
+        pieces.append(piece)
+        emit(piece, nl=False)
+    thread.join()
+    emit("")
+    return "".join(pieces).strip()
