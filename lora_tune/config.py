@@ -116,6 +116,13 @@ class TrainCfg:
 class EvalCfg:
     batch_size: int = _f(8, "batch size for validation loss")
     max_samples: int | None = _f(None, "cap the validation set at this many samples")
+    metric: Literal["none", "f1", "exact_match", "rouge_l", "accuracy", "macro_f1"] = _f(
+        "none", "a task metric computed with each validation loss (on metric_samples records)"
+    )
+    metric_samples: int = _f(16, "validation records the task metric is computed on")
+    max_new_tokens: int = _f(64, "generation length for f1/exact_match/rouge_l")
+    labels: list[str] = _f([], "label set for accuracy/macro_f1 (default: inferred from the data)")
+    early_stopping_on: Literal["loss", "metric"] = _f("loss", "what early stopping watches")
 
 
 @dataclass
@@ -147,6 +154,11 @@ RESUME_SAFE_KEYS = {
     "train.early_stopping_min_delta",
     "eval.batch_size",
     "eval.max_samples",
+    "eval.metric",
+    "eval.metric_samples",
+    "eval.max_new_tokens",
+    "eval.labels",
+    "eval.early_stopping_on",
 }
 
 
@@ -294,6 +306,9 @@ def validate(cfg: RunCfg) -> list[str]:
     positive("train.keep_last", t.keep_last)
     positive("eval.batch_size", cfg.eval.batch_size)
     positive("eval.max_samples", cfg.eval.max_samples)
+    positive("eval.metric_samples", cfg.eval.metric_samples)
+    if cfg.eval.early_stopping_on == "metric" and cfg.eval.metric == "none":
+        p.append("`eval.early_stopping_on: metric` needs `eval.metric` (e.g. f1 or accuracy)")
     if not 0 <= t.min_lr_ratio <= 1:
         p.append(f"`train.min_lr_ratio` must be in [0, 1], got {t.min_lr_ratio}")
     if t.warmup_steps is not None and t.warmup_ratio is not None:

@@ -105,3 +105,28 @@ def test_early_stopping(tiny_model_dir, chat_files, tmp_path):
     assert res.stopped_early and res.steps == 6
     vals = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("split") == "val"]
     assert vals == [0, 2, 4, 6]
+
+
+def test_task_metric_logged_and_drives_early_stopping(tiny_model_dir, chat_files, tmp_path):
+    train_file, val_file = chat_files
+    overrides = {
+        "train.max_steps": 20,
+        "train.eval_every": 2,
+        "train.lr": 1e-12,
+        "train.early_stopping_patience": 2,
+        "eval.metric": "f1",
+        "eval.metric_samples": 2,
+        "eval.max_new_tokens": 4,
+        "eval.early_stopping_on": "metric",
+    }
+    res = train(load_config(None, tiny_overrides(tiny_model_dir, train_file, val_file, tmp_path / "run", **overrides)))
+    vals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("split") == "val"]
+    assert all("f1" in r and 0.0 <= r["f1"] <= 1.0 for r in vals)
+    assert res.stopped_early and res.steps == 6  # an unchanging f1 never improves
+
+
+def test_early_stopping_on_metric_needs_a_metric():
+    from lora_tune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.metric"):
+        load_config(None, ["data.train_file=x", "eval.early_stopping_on=metric"])

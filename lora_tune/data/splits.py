@@ -47,6 +47,7 @@ class DataReport:
     labels: Counter | None = None
     oversampled: int = 0
     cache_hits: int = 0
+    val_records: list[Record] = field(default_factory=list)  # after duplicate and leakage removal
 
     def lines(self) -> list[str]:
         out = []
@@ -91,6 +92,7 @@ def prepare(
     if bad and cfg.leakage == "drop":
         drop = set(bad)
         val_records = [r for i, r in enumerate(val_records) if i not in drop]
+    report.val_records = val_records
     labels = labels_of(train_records)
     if labels is not None:
         report.labels = Counter(labels)

@@ -213,7 +213,7 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
 
     state = {
         "position": {"epoch": 0, "index": 0},
-        "best_val": None,
+        "best_score": None,
         "bad_evals": 0,
         "tokens_seen": 0,
         "threads": torch.get_num_threads(),
@@ -237,17 +237,23 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
         if log.path.exists():
             log.path.unlink()
 
-    def run_eval(at: int) -> float | None:
+    def run_eval(at: int) -> tuple[float, float | None] | None:
+        """Validation loss, and the task metric when configured; logged as one `split: val` record."""
         if not val_ex:
             return None
         loss, n = evaluate_loss(model, val_stream, precision.autocast)
-        log.write({"split": "val", "step": at, "loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": n})
+        record = {"split": "val", "step": at, "loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": n}
+        value = task_metric(model, tok, precision, cfg.eval, report.val_records)
+        if value is not None:
+            record[cfg.eval.metric] = value
+        log.write(record)
         result.val_losses.append((at, loss))
-        return loss
+        return loss, value
 
     if step == 0 and val_ex:
-        v0 = run_eval(0)
-        console.print(f"validation loss before training: {v0:.4f} (ppl {math.exp(min(v0, 50)):.2f})")
+        v0, m0 = run_eval(0)
+        more = f", {cfg.eval.metric} {m0:.4f}" if m0 is not None else ""
+        console.print(f"validation loss before training: {v0:.4f} (ppl {math.exp(min(v0, 50)):.2f}){more}")
 
     model.train()
     last_saved = step if ckpt is not None else -1
@@ -281,10 +287,15 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
                 f"mem {peak_memory_mb(device):,.0f} MB",
             )
             if tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
-                v = run_eval(step)
-                if v is not None:
-                    bar.note(f"step {step}: validation loss {v:.4f}")
-                    if _should_stop(state, v, tc):
+                evaluated = run_eval(step)
+                if evaluated is not None:
+                    v, mv = evaluated
+                    bar.note(
+                        f"step {step}: validation loss {v:.4f}"
+                        + (f", {cfg.eval.metric} {mv:.4f}" if mv is not None else "")
+                    )
+                    score = mv if cfg.eval.early_stopping_on == "metric" else -v
+                    if _should_stop(state, score, tc):
                         bar.note(f"early stopping: no improvement in {tc.early_stopping_patience} evaluations")
                         result.stopped_early = True
             state["position"] = {"epoch": stream.position.epoch, "index": stream.position.index}
@@ -296,8 +307,9 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
     if last_saved != step:
         save_checkpoint(run_dir, step, model, optimizer, scheduler, scaler, state, tc.keep_last)
     if val_ex and not result.stopped_early:
-        v = run_eval(step)
-        console.print(f"validation loss after training: {v:.4f} (ppl {math.exp(min(v, 50)):.2f})")
+        v, mv = run_eval(step)
+        more = f", {cfg.eval.metric} {mv:.4f}" if mv is not None else ""
+        console.print(f"validation loss after training: {v:.4f} (ppl {math.exp(min(v, 50)):.2f}){more}")
 
     result.steps = step
     meta = {
@@ -313,10 +325,29 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
     return result
 
 
-def _should_stop(state: dict, val_loss: float, tc: C.TrainCfg) -> bool:
-    best = state.get("best_val")
-    if best is None or val_loss < best - tc.early_stopping_min_delta:
-        state["best_val"], state["bad_evals"] = val_loss, 0
+def task_metric(model, tok, precision: Precision, ecfg: C.EvalCfg, records) -> float | None:
+    """The configured task metric on the first `metric_samples` validation records (None when off)."""
+    if ecfg.metric == "none" or not records:
+        return None
+    from lora_tune.evaluate.generate import Sampling
+    from lora_tune.evaluate.run import EvalSettings, evaluate_model
+
+    settings = EvalSettings(
+        metrics=[ecfg.metric],
+        labels=ecfg.labels or None,
+        batch_size=ecfg.batch_size,
+        sampling=Sampling(max_new_tokens=ecfg.max_new_tokens),
+    )
+    out = evaluate_model(model, tok, precision, settings, records[: ecfg.metric_samples], None)
+    model.train()
+    return out["metrics"][ecfg.metric]
+
+
+def _should_stop(state: dict, score: float, tc: C.TrainCfg) -> bool:
+    """Patience counter on a higher-is-better score (minus the loss, or the task metric)."""
+    best = state.get("best_score")
+    if best is None or score > best + tc.early_stopping_min_delta:
+        state["best_score"], state["bad_evals"] = score, 0
         return False
     state["bad_evals"] += 1
     return bool(tc.early_stopping_patience) and state["bad_evals"] >= tc.early_stopping_patience
