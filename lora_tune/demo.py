@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from lora_tune.config import RunCfg, load_config
-from lora_tune.evaluate.generate import generate_reply
+from lora_tune.evaluate.generate import Sampling, generate_reply
+from lora_tune.evaluate.run import EvalSettings, ModelSpec, print_report, run_eval, write_report
 from lora_tune.models import load_adapter, load_model, resolve_source
 from lora_tune.train.loop import TrainResult, train
 from lora_tune.train.precision import choose_device, choose_precision
@@ -54,5 +55,11 @@ def run_demo(
     first, last = (result.val_losses[0][1], result.val_losses[-1][1]) if result.val_losses else (None, None)
     if first is not None:
         console.print(f"validation loss {first:.3f} -> {last:.3f} in {result.steps} steps, {result.seconds:.0f} s")
-    console.print(f"run directory: {result.run_dir} (adapter/, metrics.jsonl, loss.png, checkpoints/)")
+    console.rule("[bold]held-out questions: base vs tuned")
+    settings = EvalSettings(data=cfg.data.val_file, metrics=["perplexity", "f1", "exact_match"],
+                            sampling=Sampling(max_new_tokens=64))
+    report = run_eval(ModelSpec.resolve(None, str(result.adapter_dir), None, None), settings, compare=True)
+    write_report(report, result.run_dir / "eval.json")
+    print_report(report, console)
+    console.print(f"run directory: {result.run_dir} (adapter/, metrics.jsonl, loss.png, eval.md, checkpoints/)")
     return result, before, after
