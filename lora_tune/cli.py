@@ -301,6 +301,42 @@ def chat(
         history.append({"role": "assistant", "content": reply})
 
 
+@main.command()
+@click.option("--adapter", default=None, help="adapter folder")
+@click.option("--run", "run_dir", default=None, help="a lora-tune run directory (uses its adapter/)")
+@click.option("--out", required=True, help="output folder for the merged model")
+@click.option("--base", default=None, help="base model (default: the one the adapter was trained on)")
+@click.option("--dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16"]))
+@click.option(
+    "--base-weights",
+    default="original",
+    show_default=True,
+    type=click.Choice(["original", "dequantized"]),
+    help="merge into the original 16-bit weights, or into the de-quantized NF4 weights trained against",
+)
+@click.option("--no-check", is_flag=True, help="skip the fidelity check")
+def merge(adapter, run_dir, out, base, dtype, base_weights, no_check) -> None:
+    """Merge an adapter into its base: a standard 16-bit HF folder, with a fidelity check."""
+    from pathlib import Path
+
+    from lora_tune.merge import merge_adapter
+
+    if not (adapter or run_dir):
+        _fail(LoraTuneError("say which adapter to merge: --adapter DIR or --run DIR"))
+    try:
+        rep = merge_adapter(
+            adapter or Path(run_dir) / "adapter", out, base, dtype, base_weights, check=not no_check, log=click.echo
+        )
+    except LoraTuneError as e:
+        _fail(e)
+    click.echo(
+        f"merged {rep.merged_tensors} weights into {rep.base_weights} {rep.base} -> {rep.out_dir} ({rep.dtype}); "
+        f"peak memory {rep.peak_rss_mb:,.0f} MB for a {rep.model_mb:,.0f} MB model"
+    )
+    for w in rep.warnings:
+        click.echo(click.style(f"WARNING: {w}", fg="red", bold=True), err=True)
+
+
 @main.command("config-reference")
 def config_reference() -> None:
     """Print every config key with its default and meaning (markdown)."""

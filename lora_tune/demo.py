@@ -56,8 +56,9 @@ def run_demo(
     if first is not None:
         console.print(f"validation loss {first:.3f} -> {last:.3f} in {result.steps} steps, {result.seconds:.0f} s")
     console.rule("[bold]held-out questions: base vs tuned")
-    settings = EvalSettings(data=cfg.data.val_file, metrics=["perplexity", "f1", "exact_match"],
-                            sampling=Sampling(max_new_tokens=64))
+    settings = EvalSettings(
+        data=cfg.data.val_file, metrics=["perplexity", "f1", "exact_match"], sampling=Sampling(max_new_tokens=64)
+    )
     report = run_eval(ModelSpec.resolve(None, str(result.adapter_dir), None, None), settings, compare=True)
     write_report(report, result.run_dir / "eval.json")
     print_report(report, console)

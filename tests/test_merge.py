@@ -1,0 +1,117 @@
+"""Merging: our streaming merge equals peft's merge, the dequantized path reproduces the NF4-trained
+model, and the output folder is a standard HF model that loads offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lora_tune.config import LoraCfg, ModelCfg, load_config
+from lora_tune.merge import merge_adapter, merged_weight, nf4_roundtrip, read_adapter
+from lora_tune.models import attach_lora, load_adapter, load_model, prepare_for_training
+from lora_tune.train.loop import train
+from lora_tune.train.precision import Precision
+
+from conftest import tiny_overrides
+
+CPU32 = Precision(torch.device("cpu"), torch.float32, "test")
+CPU16 = Precision(torch.device("cpu"), torch.bfloat16, "test")
+X = torch.tensor([[1, 5, 9, 30, 44, 2, 17, 60]])
+
+
+def _random_adapter(model_dir, out, **lora):
+    model, tok = load_model(ModelCfg(source=str(model_dir), quantization="fp32"), CPU32)
+    prepare_for_training(model, False)
+    torch.manual_seed(0)
+    pm = attach_lora(model, LoraCfg(r=4, alpha=8, dropout=0.0, **lora))
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1) if "magnitude" not in n else p.data.mul_(1.1)
+    pm.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "lora_tune.json").write_text(json.dumps({"base_model": str(model_dir), "quantization": "fp32"}))
+    return pm
+
+
+@pytest.mark.parametrize("lora", [{}, {"use_rslora": True}, {"use_dora": True}])
+def test_merged_weights_equal_peft_merge(tiny_model_dir, tmp_path, lora):
+    pm = _random_adapter(tiny_model_dir, tmp_path / "a", **lora)
+    adapter = read_adapter(tmp_path / "a")
+    base = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict().items()}
+    peft_merged = pm.merge_and_unload().state_dict()
+    assert len(adapter.pairs) == 14
+    for name, parts in adapter.pairs.items():
+        torch.testing.assert_close(
+            merged_weight(base[name], parts, adapter.scale()), peft_merged[name], rtol=1e-5, atol=1e-6
+        )
+
+
+def test_merge_output_loads_offline_and_matches_adapter(tiny_model_dir, chat_files, tmp_path):
+    train_file, val_file = chat_files
+    run = tmp_path / "run"
+    train(load_config(None, tiny_overrides(tiny_model_dir, train_file, val_file, run, **{"train.max_steps": 6})))
+    rep = merge_adapter(run / "adapter", tmp_path / "merged", dtype="fp16", log=lambda *_: None)
+    out = tmp_path / "merged"
+    assert rep.merged_tensors == 14 and not rep.warnings
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert not list(tmp_path.glob(".merged.*"))  # no temporary folder left behind
+    fid = rep.fidelity[0]
+    assert fid.reference == "16-bit base + adapter" and fid.mean_kl < 2e-3 and fid.ppl_rel_diff < 0.01
+    merged = AutoModelForCausalLM.from_pretrained(out)  # HF_HUB_OFFLINE=1 in conftest
+    assert merged.dtype == torch.float16
+    base = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged.float()(X).logits, base(X).logits, rtol=2e-2, atol=2e-2)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert tok.convert_tokens_to_ids("<|im_end|>") in gen["eos_token_id"]
+    card = (out / "README.md").read_text()
+    assert "LoRA r=4" in card and "Fidelity" in card and "merged into the original base weights" in card
+
+
+def test_nf4_roundtrip_is_what_the_4bit_model_computes_with(tiny_model_dir):
+    import bitsandbytes.functional as bf
+
+    q_model, _ = load_model(ModelCfg(source=str(tiny_model_dir), quantization="nf4"), CPU16)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).state_dict()
+    layer = q_model.model.layers[1].self_attn.q_proj
+    want = bf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    got = nf4_roundtrip(dense["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(got, want)
+
+
+def test_dequantized_merge_reproduces_the_qlora_model(tiny_model_dir, chat_files, tmp_path):
+    train_file, val_file = chat_files
+    run = tmp_path / "run"
+    train(
+        load_config(
+            None,
+            tiny_overrides(
+                tiny_model_dir,
+                train_file,
+                val_file,
+                run,
+                **{"train.max_steps": 6, "model.quantization": "nf4", "train.precision": "bf16"},
+            ),
+        )
+    )
+    orig = merge_adapter(run / "adapter", tmp_path / "m-orig", dtype="fp16", log=lambda *_: None)
+    deq = merge_adapter(
+        run / "adapter", tmp_path / "m-deq", dtype="fp16", base_weights="dequantized", log=lambda *_: None
+    )
+    vs_trained = {r.base_weights: r.fidelity[-1] for r in (orig, deq)}
+    assert vs_trained["dequantized"].reference.startswith("as trained: nf4")
+    assert vs_trained["dequantized"].mean_kl < vs_trained["original"].mean_kl / 5
+
+
+def test_merge_errors(tmp_path):
+    from lora_tune.errors import LoraTuneError
+
+    with pytest.raises(LoraTuneError, match="not an adapter folder"):
+        merge_adapter(tmp_path, tmp_path / "out")
