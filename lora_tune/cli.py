@@ -337,6 +337,33 @@ def merge(adapter, run_dir, out, base, dtype, base_weights, no_check) -> None:
         click.echo(click.style(f"WARNING: {w}", fg="red", bold=True), err=True)
 
 
+@main.command("merge-adapters")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--weights", required=True, help="one weight per adapter, comma separated (e.g. 0.7,0.3)")
+@click.option(
+    "--method",
+    default="linear",
+    show_default=True,
+    type=click.Choice(["linear", "cat", "ties", "dare_linear", "dare_ties", "svd"]),
+)
+@click.option("--density", default=None, type=float, help="fraction kept by ties/dare (default 0.5)")
+@click.option("--base", default=None, help="base model (default: the adapters' own)")
+@click.option("--out", required=True, help="output adapter folder")
+def merge_adapters(adapters, weights, method, density, base, out) -> None:
+    """Combine adapters of one base model into one adapter (peft's weighted-adapter methods)."""
+    from lora_tune.combine import combine_adapters
+
+    try:
+        w = [float(x) for x in weights.split(",")]
+    except ValueError:
+        _fail(LoraTuneError(f"--weights {weights!r}: give numbers separated by commas, e.g. 0.5,0.5"))
+    try:
+        path = combine_adapters(list(adapters), w, method, out, density, base)
+    except LoraTuneError as e:
+        _fail(e)
+    click.echo(f"combined {len(adapters)} adapters with {method} into {path}")
+
+
 @main.command("config-reference")
 def config_reference() -> None:
     """Print every config key with its default and meaning (markdown)."""

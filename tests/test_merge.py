@@ -115,3 +115,44 @@ def test_merge_errors(tmp_path):
 
     with pytest.raises(LoraTuneError, match="not an adapter folder"):
         merge_adapter(tmp_path, tmp_path / "out")
+
+
+def test_cat_combination_is_the_weighted_sum_of_updates(tiny_model_dir, tmp_path):
+    from lora_tune.combine import combine_adapters
+
+    _random_adapter(tiny_model_dir, tmp_path / "a")
+    torch.manual_seed(1)
+    model, tok = load_model(ModelCfg(source=str(tiny_model_dir), quantization="fp32"), CPU32)
+    pm = attach_lora(model, LoraCfg(r=2, alpha=4, dropout=0.0))
+    for p in pm.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path / "b")
+    (tmp_path / "b" / "lora_tune.json").write_text(json.dumps({"base_model": str(tiny_model_dir)}))
+    out = combine_adapters([tmp_path / "a", tmp_path / "b"], [0.7, 0.3], "cat", tmp_path / "c")
+    a, b, c = (read_adapter(tmp_path / x) for x in "abc")
+    assert c.config["r"] == 4 + 2
+    name = "model.layers.0.self_attn.q_proj.weight"
+    zero = torch.zeros_like(a.pairs[name]["B"] @ a.pairs[name]["A"])
+    want = 0.7 * merged_weight(zero, a.pairs[name], a.scale()) + 0.3 * merged_weight(zero, b.pairs[name], b.scale())
+    torch.testing.assert_close(merged_weight(zero, c.pairs[name], c.scale()), want, rtol=1e-4, atol=1e-6)
+    assert (out / "tokenizer.json").is_file() and json.loads((out / "lora_tune.json").read_text())["method"] == "cat"
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_linear", "svd"])
+def test_other_combinations_load_and_differ(tiny_model_dir, tmp_path, method):
+    from peft import PeftModel
+
+    from lora_tune.combine import combine_adapters
+
+    _random_adapter(tiny_model_dir, tmp_path / "a")
+    _random_adapter(tiny_model_dir, tmp_path / "b", use_rslora=True)  # same rank, other scale and values
+    torch.manual_seed(0)
+    combine_adapters([tmp_path / "a", tmp_path / "b"], [0.5, 0.5], method, tmp_path / "c")
+    outs = []
+    for name in "abc":
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        with torch.no_grad():
+            outs.append(PeftModel.from_pretrained(base, tmp_path / name).eval()(X).logits)
+    assert not torch.allclose(outs[2], outs[0]) and not torch.allclose(outs[2], outs[1])
+    assert torch.isfinite(outs[2]).all()
