@@ -364,6 +364,21 @@ def merge_adapters(adapters, weights, method, density, base, out) -> None:
     click.echo(f"combined {len(adapters)} adapters with {method} into {path}")
 
 
+@main.command("export-gguf")
+@click.argument("merged_dir")
+@click.option("--out", required=True, help="output .gguf file")
+@click.option("--type", "qtype", default="f16", show_default=True, type=click.Choice(["f16", "q8_0"]))
+@click.option("--no-verify", is_flag=True, help="skip reading the file back and comparing logits")
+def export_gguf_cmd(merged_dir, out, qtype, no_verify) -> None:
+    """Write a merged Llama-family model as GGUF (llama.cpp / Ollama), verified by loading it back."""
+    from lora_tune.export_gguf import export_gguf
+
+    try:
+        export_gguf(merged_dir, out, qtype, verify=not no_verify, log=click.echo)
+    except LoraTuneError as e:
+        _fail(e)
+
+
 @main.command("config-reference")
 def config_reference() -> None:
     """Print every config key with its default and meaning (markdown)."""

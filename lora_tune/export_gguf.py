@@ -1,0 +1,228 @@
+"""GGUF export of a merged Llama-family model (f16 or q8_0) for llama.cpp / Ollama, verified by reading
+the file back with transformers' GGUF loader and comparing logits with the merged model.
+
+The layout follows llama.cpp's converter: `token_embd`, `blk.N.attn_q/k/v/output`, `ffn_gate/up/down`,
+`attn_norm`, `ffn_norm`, `output_norm`, `output` (omitted when embeddings are tied); Q and K rows are
+permuted into llama.cpp's rotary layout; norms stay f32; the GPT-2 style BPE tokenizer, its merges,
+special tokens and the chat template are embedded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lora_tune.errors import LoraTuneError
+
+TENSOR_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+@dataclass
+class GgufReport:
+    path: str
+    type: str
+    tensors: int
+    size_mb: float
+    max_abs_logit_diff: float | None = None
+    mean_kl: float | None = None
+    tokenizer_roundtrip: bool | None = None
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name in TENSOR_NAMES:
+        return TENSOR_NAMES[hf_name]
+    parts = hf_name.split(".")  # model.layers.N.<module...>.weight
+    if parts[:2] != ["model", "layers"]:
+        raise LoraTuneError(f"tensor {hf_name} has no GGUF name in the llama layout")
+    module = ".".join(parts[3:-1])
+    if module not in LAYER_NAMES:
+        raise LoraTuneError(f"tensor {hf_name} has no GGUF name in the llama layout")
+    return f"blk.{parts[2]}.{LAYER_NAMES[module]}.{parts[-1]}"
+
+
+def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF's half-split rotary layout -> llama.cpp's interleaved one (the inverse of transformers' un-permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tokenizer_pre(tok) -> str:
+    vocab = tok.get_vocab()
+    if "<|begin_of_text|>" in vocab:
+        return "llama-bpe"
+    if "<|im_start|>" in vocab and len(vocab) < 60_000:
+        return "smollm"
+    if "<|im_start|>" in vocab:
+        return "qwen2"
+    return "default"
+
+
+def _write_tokenizer(writer, tok, model_dir: Path, generation_eos: list[int]) -> None:
+    import gguf
+
+    data = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    model = data.get("model", {})
+    if model.get("type") != "BPE" or (data.get("pre_tokenizer") or {}).get("type") not in ("ByteLevel", "Sequence"):
+        raise LoraTuneError(
+            "GGUF export supports byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen 2); "
+            "this model's tokenizer is not one"
+        )
+    vocab = tok.get_vocab()
+    size = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    for t, i in vocab.items():
+        tokens[i] = t
+    special = {a["id"] for a in data.get("added_tokens", []) if a.get("special")}
+    added = {a["id"] for a in data.get("added_tokens", [])}
+    types = [
+        gguf.TokenType.CONTROL if i in special else gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL
+        for i in range(size)
+    ]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_tokenizer_pre(tok))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    if tok.bos_token_id is not None:
+        writer.add_bos_token_id(tok.bos_token_id)
+    writer.add_eos_token_id(generation_eos[0] if generation_eos else tok.eos_token_id)
+    if tok.pad_token_id is not None:
+        writer.add_pad_token_id(tok.pad_token_id)
+    if tok.unk_token_id is not None:
+        writer.add_unk_token_id(tok.unk_token_id)
+    writer.add_add_bos_token(False)  # chat templates write BOS themselves where the model wants one
+    if tok.chat_template:
+        writer.add_chat_template(tok.chat_template)
+
+
+def export_gguf(
+    model_dir: str | Path, out_file: str | Path, qtype: str = "f16", verify: bool = True, log=print
+) -> GgufReport:
+    """Write `model_dir` (a merged HF Llama-family folder) as a GGUF file; verify it when asked."""
+    import gguf
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from lora_tune.merge import base_files
+
+    model_dir, out_file = Path(model_dir), Path(out_file)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    if cfg.get("model_type") not in ("llama", "mistral") or cfg.get("architectures", ["LlamaForCausalLM"])[0] not in (
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+    ):
+        raise LoraTuneError(f"GGUF export supports Llama-family models; {model_dir} is {cfg.get('model_type')}")
+    if qtype not in ("f16", "q8_0"):
+        raise LoraTuneError("--type must be f16 or q8_0")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    gen_path = model_dir / "generation_config.json"
+    eos = json.loads(gen_path.read_text()).get("eos_token_id", []) if gen_path.is_file() else []
+    eos = eos if isinstance(eos, list) else [eos]
+    n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+    rope = cfg.get("rope_parameters") or {}
+    if (rope.get("rope_type") or (cfg.get("rope_scaling") or {}).get("rope_type") or "default") != "default":
+        raise LoraTuneError("GGUF export does not handle scaled rotary embeddings (rope_scaling) yet")
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch="llama")
+    writer.add_name(model_dir.name)
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
+    writer.add_vocab_size(cfg["vocab_size"])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if qtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    _write_tokenizer(writer, tok, model_dir, eos)
+
+    count = 0
+    _, files = base_files(str(model_dir))
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118
+                if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+                    continue
+                w = f.get_tensor(name).float()
+                if name.endswith("self_attn.q_proj.weight"):
+                    w = permute_rotary(w, n_head)
+                elif name.endswith("self_attn.k_proj.weight"):
+                    w = permute_rotary(w, n_kv)
+                arr = w.numpy()
+                if arr.ndim == 1:
+                    writer.add_tensor(gguf_name(name), arr.astype(np.float32))
+                elif qtype == "q8_0" and arr.shape[-1] % 32 == 0:
+                    data = gguf.quants.quantize(arr.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+                    writer.add_tensor(gguf_name(name), data, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                else:
+                    writer.add_tensor(gguf_name(name), arr.astype(np.float16))
+                count += 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, out_file)
+    report = GgufReport(str(out_file), qtype, count, out_file.stat().st_size / 2**20)
+    log(f"wrote {out_file} ({qtype}, {count} tensors, {report.size_mb:,.0f} MB)")
+    if verify:
+        verify_gguf(model_dir, out_file, report, log)
+        out_file.with_suffix(".json").write_text(json.dumps(asdict(report), indent=2))
+    return report
+
+
+@torch.no_grad()
+def verify_gguf(model_dir: Path, gguf_file: Path, report: GgufReport, log=print) -> GgufReport:
+    """Load the file back with transformers' GGUF loader; compare tokens and logits with the HF folder."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    text = tok_text = "The capital of France is Paris. Café, naïve, 東京, 123 + 456 = 579!"
+    hf_tok = AutoTokenizer.from_pretrained(model_dir)
+    g_tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    ids = hf_tok(tok_text, add_special_tokens=False)["input_ids"]
+    report.tokenizer_roundtrip = ids == g_tok(text, add_special_tokens=False)["input_ids"]
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    got = AutoModelForCausalLM.from_pretrained(
+        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    ).eval()
+    x = torch.tensor([ids])
+    a, b = ref(x).logits.float(), got(x).logits.float()
+    report.max_abs_logit_diff = float((a - b).abs().max())
+    pa, pb = F.log_softmax(a, -1), F.log_softmax(b, -1)
+    report.mean_kl = float((pa.exp() * (pa - pb)).sum(-1).mean())
+    log(
+        f"verified {gguf_file.name} against {model_dir}: max |dlogit| {report.max_abs_logit_diff:.4f}, "
+        f"mean KL {report.mean_kl:.2e}, tokenizer {'identical' if report.tokenizer_roundtrip else 'DIFFERS'}"
+    )
+    if not report.tokenizer_roundtrip or not math.isfinite(report.mean_kl) or report.mean_kl > 1e-2:
+        raise LoraTuneError(
+            f"{gguf_file} does not reproduce {model_dir} (KL {report.mean_kl:.2e}, tokenizer "
+            f"{'ok' if report.tokenizer_roundtrip else 'differs'}); do not ship it"
+        )
+    return report
