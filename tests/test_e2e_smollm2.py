@@ -49,8 +49,10 @@ def test_mask_on_smollm2_template(smollm2):
     assert "SmolLM" in tok.decode(ex.input_ids)
 
 
-def test_qlora_cli_run_lowers_validation_loss(smollm2, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def qlora_run(smollm2, tmp_path_factory) -> Path:
+    """A short QLoRA run of the demo config through the CLI (shared by the tests below)."""
+    out = tmp_path_factory.mktemp("e2e") / "run"
     cmd = [
         sys.executable,
         "-m",
@@ -65,11 +67,54 @@ def test_qlora_cli_run_lowers_validation_loss(smollm2, tmp_path):
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_qlora_cli_run_lowers_validation_loss(qlora_run):
+    out = qlora_run
     val = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r.get("split") == "val"]
     assert len(val) == 3
     assert val[-1] < val[0] - 0.3, val
     assert "quantization: nf4" in (out / "config.yaml").read_text()
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_merge_and_gguf_export_of_a_qlora_run(qlora_run, tmp_path):
+    """Merge after a short QLoRA run: fidelity within threshold, then a verified f16 GGUF."""
+    merged = tmp_path / "merged"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lora_tune.cli",
+            "merge",
+            "--run",
+            str(qlora_run),
+            "--out",
+            str(merged),
+            "--base-weights",
+            "dequantized",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNING" not in proc.stderr
+    rep = json.loads((merged / "merge_report.json").read_text())
+    trained = rep["fidelity"][-1]
+    assert trained["reference"] == "as trained: nf4 base + adapter"
+    assert trained["mean_kl"] < 1e-2 and abs(trained["ppl_merged"] / trained["ppl_reference"] - 1) < 0.02
+    gguf_file = tmp_path / "model.gguf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_tune.cli", "export-gguf", str(merged), "--out", str(gguf_file)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check = json.loads(gguf_file.with_suffix(".json").read_text())
+    assert check["tokenizer_roundtrip"] and check["mean_kl"] < 1e-4
 
 
 def test_data_inspect_with_the_real_tokenizer(smollm2):

@@ -156,3 +156,21 @@ def test_other_combinations_load_and_differ(tiny_model_dir, tmp_path, method):
             outs.append(PeftModel.from_pretrained(base, tmp_path / name).eval()(X).logits)
     assert not torch.allclose(outs[2], outs[0]) and not torch.allclose(outs[2], outs[1])
     assert torch.isfinite(outs[2]).all()
+
+
+@pytest.mark.parametrize("qtype, max_kl", [("f16", 1e-6), ("q8_0", 1e-2)])
+def test_gguf_round_trip_on_tiny_model(tiny_model_dir, tmp_path, qtype, max_kl):
+    from lora_tune.export_gguf import export_gguf
+
+    rep = export_gguf(tiny_model_dir, tmp_path / "tiny.gguf", qtype, log=lambda *_: None)
+    assert rep.tokenizer_roundtrip and rep.mean_kl < max_kl and rep.tensors == 2 * 9 + 3
+    assert json.loads((tmp_path / "tiny.json").read_text())["type"] == qtype
+
+
+def test_gguf_refuses_other_architectures(tmp_path):
+    from lora_tune.errors import LoraTuneError
+    from lora_tune.export_gguf import export_gguf
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(LoraTuneError, match="Llama-family"):
+        export_gguf(tmp_path, tmp_path / "x.gguf")
