@@ -379,6 +379,52 @@ def export_gguf_cmd(merged_dir, out, qtype, no_verify) -> None:
         _fail(e)
 
 
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--gpu-memory", default=None, help="memory budget, e.g. 12GiB: choose settings that fit it")
+@click.option(
+    "--device",
+    default="cuda",
+    show_default=True,
+    type=click.Choice(["cuda", "cpu"]),
+    help="cuda adds the CUDA context overhead",
+)
+def plan(config: str, overrides: tuple[str, ...], gpu_memory: str | None, device: str) -> None:
+    """Predict peak training memory from config.json alone (no weights), and fit a budget."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lora_tune.bench.plan import GIB, ModelShape, auto_fit, estimate, load_model_config, parse_size
+    from lora_tune.config import load_config
+
+    console = Console(soft_wrap=True)
+    try:
+        cfg = load_config(config, overrides)
+        shape = ModelShape.from_config(load_model_config(cfg.model.source))
+        if gpu_memory:
+            cfg, result = auto_fit(shape, cfg, parse_size(gpu_memory), device)
+        else:
+            result = estimate(shape, cfg, device)
+    except LoraTuneError as e:
+        _fail(e)
+    table = Table(
+        title=f"{cfg.model.source}: {cfg.model.quantization}, LoRA r={cfg.lora.r}, micro-batch "
+        f"{result.micro_batch_size} x {result.max_length} tokens, checkpointing "
+        f"{'on' if result.gradient_checkpointing else 'off'}"
+    )
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    for name, b in result.parts.items():
+        table.add_row(name, f"{b / GIB:.3f}")
+    table.add_row("[bold]total[/]", f"[bold]{result.total / GIB:.3f}[/]")
+    console.print(table)
+    for note in result.notes:
+        console.print(note)
+    if result.notes:
+        console.print(f"(effective batch kept: {result.micro_batch_size} x {cfg.train.grad_accum})")
+
+
 @main.command("config-reference")
 def config_reference() -> None:
     """Print every config key with its default and meaning (markdown)."""

@@ -109,6 +109,8 @@ class TrainCfg:
     save_every: int = _f(50, "checkpoint every N steps (0: only at the end)")
     keep_last: int = _f(2, "checkpoints to keep")
     early_stopping_patience: int = _f(0, "stop after this many evaluations without improvement (0: off)")
+    auto_fit: bool = _f(False, "let the planner pick micro-batch/accumulation/checkpointing/max_length to fit memory")
+    memory_budget: str | None = _f(None, "memory for auto_fit, e.g. 12GiB (default: the GPU's total memory)")
     early_stopping_min_delta: float = _f(0.0, "an improvement must lower val loss by more than this")
 
 

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,36 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
     if not (adapter_dir / "adapter_config.json").is_file():
         raise LoraTuneError(f"{adapter_dir} is not an adapter folder (no adapter_config.json)")
     return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+
+
+@contextmanager
+def evaluating(model):
+    """`model.eval()` for the duration, then back to the mode it was in.
+
+    While training is under way, bitsandbytes 4-bit layers are kept in training mode: on CPUs with
+    AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight into an inference-only layout the first
+    time the layer runs in eval mode without gradients, and never unpacks it; the matmul used from
+    then on has no backward, so training after a validation pass would silently lose every gradient
+    that flows through the quantized layers. The 4-bit layers have no dropout or other train/eval
+    difference of their own, so keeping them in training mode changes no result.
+    """
+    was_training = model.training
+    model.eval()
+    if was_training:
+        for layer in _bnb_4bit_layers(model):
+            layer.train()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _bnb_4bit_layers(model) -> list:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -128,3 +128,33 @@ def test_precision_choices():
         choose_precision("fp16", cpu)
     with pytest.raises(LoraTuneError, match="does not match"):
         choose_precision("fp32", cpu, weight_dtype="bf16")
+
+
+def test_validation_does_not_break_qlora_gradients(tiny_model_dir):
+    """Regression: bitsandbytes repacks a 4-bit weight for inference the first time it runs in eval mode
+    on AVX512-BF16 CPUs and never unpacks it, silently dropping gradients through it afterwards. A
+    validation pass in the middle of training must leave the gradients exactly as they were.
+    (On CPUs without AVX512-BF16 bitsandbytes never repacks, and this passes either way.)"""
+    from lora_tune.data.batching import collate
+    from lora_tune.data.tokenize import Example
+    from lora_tune.train.loss import evaluate_loss
+
+    batch = collate([Example([1, 5, 9, 30, 44, 2], [1, 5, 9, 30, 44, 2])] * 2, pad_id=0)
+    grads = []
+    for validate_first in (False, True):
+        model, _ = load_model(ModelCfg(source=str(tiny_model_dir), quantization="nf4"), CPU16)
+        prepare_for_training(model, gradient_checkpointing=True)
+        torch.manual_seed(1)
+        pm = attach_lora(model, LoraCfg(r=4, alpha=8, dropout=0.0))
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.02)
+        pm.train()
+        if validate_first:
+            evaluate_loss(pm, [batch], CPU16.autocast)
+            assert pm.training
+        with CPU16.autocast():
+            pm(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
+        grads.append({n: p.grad for n, p in pm.named_parameters() if p.requires_grad})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)

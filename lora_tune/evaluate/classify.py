@@ -42,11 +42,11 @@ def predict_labels(
     model, tok, records: list[Record], labels: list[str], autocast, template: str | None = None, batch_size: int = 16
 ) -> tuple[list[str], list[list[float]]]:
     """The most likely label for each record, and every label's log-probability."""
-    was_training = model.training
-    model.eval()
+    from lora_tune.models import evaluating
+
     cands = [candidate(tok, rec, lab, template) for rec in records for lab in labels]
-    scores = sequence_logprobs(model, cands, tok.pad_token_id, autocast, batch_size)
-    model.train(was_training)
+    with evaluating(model):
+        scores = sequence_logprobs(model, cands, tok.pad_token_id, autocast, batch_size)
     k = len(labels)
     table = [scores[i * k : (i + 1) * k] for i in range(len(records))]
     return [labels[max(range(k), key=row.__getitem__)] for row in table], table

@@ -44,29 +44,34 @@ def prompt_text(tok, messages: list[dict]) -> str:
 @torch.no_grad()
 def generate_texts(model, tok, prompts: list[str], sampling: Sampling, batch_size: int = 8) -> tuple[list[str], float]:
     """Complete already-rendered prompts in left-padded batches; returns (texts, new tokens per second)."""
+    from lora_tune.models import evaluating
+
     device = next(model.parameters()).device
-    was_training, side = model.training, tok.padding_side
-    model.eval()
+    side = tok.padding_side
     tok.padding_side = "left"  # new tokens must follow each prompt directly
     outs: list[str] = []
     new_tokens, t0 = 0, time.perf_counter()
     try:
-        for lo in range(0, len(prompts), batch_size):
-            enc = tok(prompts[lo : lo + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(device) for k, v in enc.items()}
-            out = model.generate(
-                **enc, **sampling.kwargs(), use_cache=True, pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(tok)
-            )
-            gen = out[:, enc["input_ids"].shape[1] :]
-            stops = torch.tensor(stop_ids(tok), device=gen.device)
-            for row in gen:
-                ended = torch.isin(row, stops).nonzero()
-                n = int(ended[0]) + 1 if len(ended) else len(row)
-                new_tokens += n
-                outs.append(tok.decode(row[:n], skip_special_tokens=True).strip())
+        with evaluating(model):
+            for lo in range(0, len(prompts), batch_size):
+                enc = tok(prompts[lo : lo + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = {k: v.to(device) for k, v in enc.items()}
+                out = model.generate(
+                    **enc,
+                    **sampling.kwargs(),
+                    use_cache=True,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=stop_ids(tok),
+                )
+                gen = out[:, enc["input_ids"].shape[1] :]
+                stops = torch.tensor(stop_ids(tok), device=gen.device)
+                for row in gen:
+                    ended = torch.isin(row, stops).nonzero()
+                    n = int(ended[0]) + 1 if len(ended) else len(row)
+                    new_tokens += n
+                    outs.append(tok.decode(row[:n], skip_special_tokens=True).strip())
     finally:
         tok.padding_side = side
-        model.train(was_training)
     return outs, new_tokens / max(time.perf_counter() - t0, 1e-9)
 
 

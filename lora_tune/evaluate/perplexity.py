@@ -61,11 +61,11 @@ def strided_nll(model, ids: list[int], window: int, stride: int, autocast) -> tu
 
 def strided_perplexity(model, docs: list[list[int]], window: int, stride: int, autocast) -> Perplexity:
     """Token-weighted perplexity over several documents, each scored with `strided_nll`."""
-    was_training = model.training
-    model.eval()
+    from lora_tune.models import evaluating
+
     total, count = 0.0, 0
-    for ids in docs:
-        t, c = strided_nll(model, ids, window, stride, autocast)
-        total, count = total + t, count + c
-    model.train(was_training)
+    with evaluating(model):
+        for ids in docs:
+            t, c = strided_nll(model, ids, window, stride, autocast)
+            total, count = total + t, count + c
     return Perplexity(total / count if count else float("nan"), count)

@@ -114,16 +114,33 @@ def optimizer_step(
     optimizer,
     params,
     max_grad_norm: float,
+    split: int = 1,
+    log=print,
 ) -> dict[str, float]:
-    """One optimizer step over `accum` micro-batches, normalised by their total supervised tokens."""
+    """One optimizer step over `accum` micro-batches, normalised by their total supervised tokens.
+
+    Each micro-batch runs as `split` smaller pieces. Since the loss is a token sum divided by the step's
+    token count, the pieces give the same gradients; on a CUDA out-of-memory error the step is redone
+    with twice the pieces (the data position is untouched, nothing is lost) and `split` is returned.
+    """
     micro = [stream.next() for _ in range(accum)]
     n_total = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-    loss_total = torch.zeros((), device=precision.device)
-    for batch in micro:
-        with precision.autocast():
-            loss_sum, _ = supervised_loss_sum(model, batch)
-        scaler.scale(loss_sum / n_total).backward()
-        loss_total += loss_sum.detach()
+    while True:
+        try:
+            loss_total = _accumulate(model, micro, split, n_total, precision, scaler)
+            break
+        except torch.OutOfMemoryError:
+            rows = micro[0]["input_ids"].shape[0]
+            optimizer.zero_grad(set_to_none=True)
+            if precision.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if split >= rows:
+                raise
+            split *= 2
+            log(
+                f"out of memory: running each micro-batch of {rows} as {split} pieces of "
+                f"{math.ceil(rows / split)} (same effective batch and gradients), and continuing"
+            )
     grad_norm = float("nan")
     if max_grad_norm > 0:
         scaler.unscale_(optimizer)
@@ -136,7 +153,22 @@ def optimizer_step(
         "tokens": n_total,
         "real_tokens": sum(real_tokens(b) for b in micro),
         "grad_norm": grad_norm,
+        "split": split,
     }
+
+
+def _accumulate(model, micro, split: int, n_total: int, precision: Precision, scaler) -> torch.Tensor:
+    loss_total = torch.zeros((), device=precision.device)
+    for batch in micro:
+        rows = batch["input_ids"].shape[0]
+        size = math.ceil(rows / split)
+        for lo in range(0, rows, size):
+            piece = {k: v[lo : lo + size] for k, v in batch.items()}
+            with precision.autocast():
+                loss_sum, _ = supervised_loss_sum(model, piece)
+            scaler.scale(loss_sum / n_total).backward()
+            loss_total += loss_sum.detach()
+    return loss_total
 
 
 def save_adapter(model, tok, out: Path, meta: dict) -> Path:
@@ -161,6 +193,8 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
     """Fine-tune `cfg.model` with LoRA on `cfg.data`; writes the run directory and returns a summary."""
     console = console or Console(soft_wrap=True)
     t_start = time.perf_counter()
+    if cfg.train.auto_fit:
+        cfg = fit_to_memory(cfg, console)
     run_dir = Path(cfg.output_dir)
     ckpt = check_run_dir(cfg, resume, overwrite)
     tc = cfg.train
@@ -258,10 +292,14 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
     model.train()
     last_saved = step if ckpt is not None else -1
     t_window, tok_window = time.perf_counter(), 0
+    split = 1  # pieces per micro-batch; doubled on an out-of-memory error
     with StepProgress(console, total_steps, step, tc.log_every) as bar:
         while step < total_steps:
             lr = scheduler.get_last_lr()[0]
-            out = optimizer_step(model, stream, tc.grad_accum, precision, scaler, optimizer, params, tc.max_grad_norm)
+            out = optimizer_step(
+                model, stream, tc.grad_accum, precision, scaler, optimizer, params, tc.max_grad_norm, split, bar.note
+            )
+            split = out["split"]
             scheduler.step()
             step += 1
             state["tokens_seen"] += out["tokens"]
@@ -341,6 +379,27 @@ def task_metric(model, tok, precision: Precision, ecfg: C.EvalCfg, records) -> f
     out = evaluate_model(model, tok, precision, settings, records[: ecfg.metric_samples], None)
     model.train()
     return out["metrics"][ecfg.metric]
+
+
+def fit_to_memory(cfg: C.RunCfg, console: Console) -> C.RunCfg:
+    """Apply the planner's choice of settings for the memory budget (`train.auto_fit`)."""
+    from lora_tune.bench.plan import ModelShape, auto_fit, load_model_config, parse_size
+
+    device = choose_device(cfg.train.device)
+    if cfg.train.memory_budget:
+        budget = parse_size(cfg.train.memory_budget)
+    elif device.type == "cuda":
+        budget = float(torch.cuda.get_device_properties(device).total_memory)
+    else:
+        console.print("train.auto_fit: no train.memory_budget and no GPU; keeping the settings as they are")
+        return cfg
+    shape = ModelShape.from_config(load_model_config(cfg.model.source))
+    fitted, plan = auto_fit(shape, cfg, budget, device.type)
+    console.print(
+        f"auto_fit: planned peak {plan.total / 2**30:.2f} GiB of {budget / 2**30:.2f} GiB; "
+        + ("; ".join(plan.notes) or "the configured settings fit")
+    )
+    return fitted
 
 
 def _should_stop(state: dict, score: float, tc: C.TrainCfg) -> bool:

@@ -78,13 +78,13 @@ def supervised_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
 @torch.no_grad()
 def evaluate_loss(model, batches, autocast) -> tuple[float, int]:
     """Token-weighted mean loss over an iterable of batches; returns (loss, tokens)."""
-    was_training = model.training
-    model.eval()
+    from lora_tune.models import evaluating
+
     total, count = 0.0, 0
-    for batch in batches:
-        with autocast():
-            loss, n = supervised_loss_sum(model, batch)
-        total += float(loss)
-        count += n
-    model.train(was_training)
+    with evaluating(model):
+        for batch in batches:
+            with autocast():
+                loss, n = supervised_loss_sum(model, batch)
+            total += float(loss)
+            count += n
     return (total / count if count else float("nan")), count

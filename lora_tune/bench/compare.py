@@ -1,0 +1,204 @@
+"""Side-by-side benchmark of lora_tune and TRL: each configuration in a fresh process, alternating tools,
+median of `reps` runs; writes results JSON, a markdown table and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from lora_tune.bench.data import write_bench_data
+from lora_tune.bench.worker import Spec
+
+# name, settings shared by both tools; TRL runs at its defaults otherwise
+MATRIX = [
+    ("qlora-nf4", {"quantization": "nf4"}),
+    ("qlora-nf4-packed", {"quantization": "nf4", "packing": True}),
+    ("lora-bf16", {"quantization": "bf16"}),
+    ("lora-bf16-no-ckpt", {"quantization": "bf16", "gradient_checkpointing": False}),
+]
+
+
+def run_one(spec: Spec) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_tune.bench.worker", json.dumps(asdict(spec))], capture_output=True, text=True
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
+    if proc.returncode != 0 or line is None:
+        return {**asdict(spec), "error": (proc.stderr or proc.stdout)[-1500:]}
+    return json.loads(line.removeprefix("BENCH "))
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def _hardware() -> dict:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    cpu = names[0] if names else platform.processor() or "unknown"
+    return {"cpu": cpu, "cores": torch.get_num_threads(), "gpu": gpu, "platform": platform.platform()}
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "trl", "lora_tune"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    rows = []
+    for name in dict.fromkeys(r["name"] for r in runs):
+        row = {"name": name}
+        for tool in ("ours", "trl"):
+            ok = [r for r in runs if r["name"] == name and r["tool"] == tool and "error" not in r]
+            if not ok:
+                row[tool] = None
+                continue
+            row[tool] = {k: statistics.median(r[k] for r in ok) for k in ("tokens_per_s", "peak_mb", "val_loss")}
+            row[tool]["runs"] = len(ok)
+        if row["ours"] and row["trl"]:
+            row["speedup"] = row["ours"]["tokens_per_s"] / row["trl"]["tokens_per_s"]
+            row["memory_ratio"] = row["ours"]["peak_mb"] / row["trl"]["peak_mb"]
+        rows.append(row)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# lora_tune vs TRL SFTTrainer + PEFT ({result['date']}, git {result['git_sha']})",
+        "",
+        f"Hardware: {result['hardware']['cpu']} ({result['hardware']['cores']} threads), "
+        f"GPU: {result['hardware']['gpu'] or 'none'}. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        "",
+        f"Model SmolLM2-135M-Instruct, {result['data']}; LoRA r=16 all-linear, micro-batch "
+        f"{result['micro_batch_size']}, max_length {result['max_length']}, AdamW, constant lr; "
+        f"{result['warmup_steps']} warm-up steps excluded, {result['steps']} timed steps; median of "
+        f"{result['reps']} runs, each in a fresh process, tools alternating.",
+        "",
+        "| configuration | ours tokens/s | TRL tokens/s | speed-up | ours peak MB | TRL peak MB | memory ratio "
+        "| ours val loss | TRL val loss |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["summary"]:
+        o, t = r["ours"], r["trl"]
+        if not (o and t):
+            lines.append(
+                f"| {r['name']} | {o and round(o['tokens_per_s'])} | {t and round(t['tokens_per_s'])} | "
+                "failed | | | | | |"
+            )
+            continue
+        lines.append(
+            f"| {r['name']} | {o['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} | {r['speedup']:.2f}x | "
+            f"{o['peak_mb']:.0f} | {t['peak_mb']:.0f} | {r['memory_ratio']:.2f} | {o['val_loss']:.3f} | "
+            f"{t['val_loss']:.3f} |"
+        )
+    lines += [
+        "",
+        "Tokens/s counts real (non-padding) tokens. Peak MB is the process's peak RSS minus its RSS after "
+        "importing torch/transformers/peft/trl. Validation loss is the mean over assistant tokens of the "
+        "held-out chats after the run, computed by the same code for both.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["summary"] if r["ours"] and r["trl"]]
+    names = [r["name"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    for ax, key, label in (
+        (axes[0], "tokens_per_s", "real tokens / s (higher is better)"),
+        (axes[1], "peak_mb", "peak memory, MB (lower is better)"),
+    ):
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], [r["ours"][key] for r in rows], 0.4, label="lora_tune")
+        ax.bar([i + 0.2 for i in x], [r["trl"][key] for r in rows], 0.4, label="TRL + PEFT")
+        ax.set_xticks(list(x), names, rotation=15)
+        ax.set_title(label)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"SmolLM2-135M, {result['hardware']['gpu'] or 'CPU'}")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def compare(
+    out_dir: Path,
+    reps: int = 3,
+    steps: int = 8,
+    warmup: int = 2,
+    micro_batch_size: int = 4,
+    max_length: int = 512,
+    matrix=MATRIX,
+    log=print,
+) -> dict:
+    """Run the matrix; write `<out_dir>/results/<stamp>.json`, `RESULTS.md` and `results.png`."""
+    out_dir = Path(out_dir)
+    train_file, val_file = write_bench_data(out_dir / "data")
+    runs = []
+    for rep in range(reps):
+        for name, settings in matrix:
+            for tool in ("ours", "trl") if rep % 2 == 0 else ("trl", "ours"):
+                spec = Spec(
+                    tool=tool,
+                    name=name,
+                    train_file=str(train_file),
+                    val_file=str(val_file),
+                    steps=steps,
+                    warmup_steps=warmup,
+                    micro_batch_size=micro_batch_size,
+                    max_length=max_length,
+                    **settings,
+                )
+                r = run_one(spec)
+                runs.append(r)
+                msg = (
+                    r.get("error", "").splitlines()[-1:]
+                    if "error" in r
+                    else [f"{r['tokens_per_s']:.0f} tok/s, {r['peak_mb']:.0f} MB, val {r['val_loss']:.3f}"]
+                )
+                log(f"[{rep + 1}/{reps}] {name:20s} {tool:5s} {msg[0] if msg else 'error'}")
+    result = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "git_sha": _git_sha(),
+        "hardware": _hardware(),
+        "versions": _versions(),
+        "reps": reps,
+        "steps": steps,
+        "warmup_steps": warmup,
+        "micro_batch_size": micro_batch_size,
+        "max_length": max_length,
+        "data": "200 chats of 1-6 turns (68-406 tokens)",
+        "runs": runs,
+        "summary": summarize(runs),
+    }
+    (out_dir / "results").mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
+    (out_dir / "results" / f"trl-{stamp}.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "RESULTS.md").write_text(markdown(result) + "\n![chart](results.png)\n")
+    plot(result, out_dir / "results.png")
+    return result

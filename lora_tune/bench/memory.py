@@ -1,0 +1,85 @@
+"""Measured peak tensor memory of one training step, to check the planner against.
+
+On CUDA this is `max_memory_allocated`. On the CPU, where torch keeps no allocator statistics, it is
+the bytes of every tensor alive before the step (weights, quantization constants, LoRA weights,
+optimizer states) plus the peak of the running sum of allocations and frees that torch's profiler
+records during one full optimizer step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lora_tune.config import RunCfg
+from lora_tune.data.tokenize import IGNORE
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def static_bytes(model, optimizer) -> int:
+    """Weights, buffers, bitsandbytes quantization constants and optimizer states."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            tensors += [qs.absmax, qs.code] + ([qs.state2.absmax, qs.state2.code] if qs.state2 is not None else [])
+    for state in optimizer.state.values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return _tensor_bytes(tensors)
+
+
+def measure_step(cfg: RunCfg, device: str = "cpu") -> dict[str, float]:
+    """Peak bytes of one optimizer step of `cfg` on batches of `max_length`-token samples, all supervised."""
+    from lora_tune.models import attach_lora, load_model, prepare_for_training, resolve_source
+    from lora_tune.train.loop import optimizer_step
+    from lora_tune.train.optim import build_optimizer
+    from lora_tune.train.precision import choose_device, choose_precision
+
+    dev = choose_device(device)
+    weight = cfg.model.quantization if cfg.model.quantization in ("bf16", "fp16") else None
+    precision = choose_precision(cfg.train.precision, dev, weight)
+    model, tok = load_model(cfg.model, precision, resolve_source(cfg.model.source, log=lambda *_: None))
+    prepare_for_training(model, cfg.train.gradient_checkpointing)
+    model = attach_lora(model, cfg.lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg.train)
+    scaler = torch.amp.GradScaler(dev.type, enabled=precision.use_scaler)
+    g = torch.Generator().manual_seed(0)
+    shape = (cfg.train.micro_batch_size, cfg.data.max_length)
+    ids = torch.randint(3, model.config.vocab_size, shape, generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    batch["labels"][:, 0] = IGNORE
+
+    class Once:
+        position = None
+
+        def next(self):
+            return batch
+
+    optimizer_step(model, Once(), 1, precision, scaler, optimizer, params, cfg.train.max_grad_norm)  # states exist
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        optimizer_step(model, Once(), 1, precision, scaler, optimizer, params, cfg.train.max_grad_norm)
+        torch.cuda.synchronize()
+        return {"peak_bytes": float(torch.cuda.max_memory_allocated()), "static_bytes": float("nan")}
+    static = static_bytes(model, optimizer)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        optimizer_step(model, Once(), 1, precision, scaler, optimizer, params, cfg.train.max_grad_norm)
+    # Each allocation or free is counted once, in the op that made it (its "self" memory); frees outside
+    # any op are separate "[memory]" events. The running sum in time order is the live dynamic memory.
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return {"peak_bytes": float(static + peak), "static_bytes": float(static), "step_peak_bytes": float(peak)}

@@ -1,0 +1,209 @@
+"""VRAM planner: predict peak training memory from the model's config.json and the run config alone,
+and choose settings that fit a memory budget.
+
+The estimate is a sum of parts, each from a simple model of what the training step keeps alive:
+- base weights: NF4 = 0.5 byte/param + quantization constants (fp32 absmax per 64 weights, or with
+  double quantization an 8-bit absmax per 64 plus fp32 per 256 of those: ~0.516 byte/param in all);
+  int8 = 1 byte/param; 16-bit = 2; fp32 = 4. Embeddings, LM head and norms stay unquantized.
+- LoRA: r * (in + out) parameters per adapted linear, fp32; with their gradients and AdamW states
+  (2 x fp32, or 2 x 1 byte for 8-bit AdamW).
+- activations per token per layer: with checkpointing only the layer input is kept (hidden x dtype),
+  plus one layer's recompute working set; without it, every saved tensor of every layer.
+- logits: only supervised positions get logits in lora_tune (bf16 logits, their fp32 copy, its gradient).
+- dequantization scratch: one 16-bit copy of the largest quantized matrix (4-bit matmul de-quantizes).
+- runtime overhead: CUDA context and allocator slack on a GPU (a constant), nothing on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from lora_tune.config import RunCfg
+from lora_tune.errors import LoraTuneError
+
+GIB = 2**30
+WEIGHT_BYTES = {"nf4": None, "fp4": None, "int8": 1.0, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0}
+CUDA_OVERHEAD = 0.6 * GIB  # CUDA context + cuBLAS workspace + allocator slack, seen on recent GPUs
+
+
+def quant4_bytes_per_param(double_quant: bool, blocksize: int = 64) -> float:
+    constants = (1 + 4 / 256) / blocksize if double_quant else 4 / blocksize
+    return 0.5 + constants
+
+
+@dataclass
+class ModelShape:
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> ModelShape:
+        try:
+            heads = cfg["num_attention_heads"]
+            return cls(
+                cfg["vocab_size"],
+                cfg["hidden_size"],
+                cfg["intermediate_size"],
+                cfg["num_hidden_layers"],
+                heads,
+                cfg.get("num_key_value_heads") or heads,
+                cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                bool(cfg.get("tie_word_embeddings")),
+            )
+        except KeyError as e:
+            raise LoraTuneError(
+                f"config.json lacks {e.args[0]}; the planner knows decoder-only transformers "
+                "(Llama, Mistral, Qwen, SmolLM, ...)"
+            ) from None
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear in one layer."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linears().values())
+
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    def norm_params(self) -> int:
+        return self.hidden * (2 * self.layers + 1)
+
+
+@dataclass
+class Plan:
+    """A memory estimate in bytes, by part, and the settings it assumes."""
+
+    parts: dict[str, float]
+    micro_batch_size: int
+    grad_accum: int
+    max_length: int
+    gradient_checkpointing: bool
+    device: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+def load_model_config(source: str) -> dict[str, Any]:
+    """config.json of a local folder, a builtin model or a hub id (only that file is fetched)."""
+    from lora_tune.models import resolve_source
+
+    resolved = resolve_source(source, log=lambda *_: None)  # errors clearly on missing local paths
+    if Path(resolved).is_dir():
+        path = Path(resolved) / "config.json"
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(resolved, "config.json"))
+        except Exception as e:  # noqa: BLE001 - offline, gated or missing: all say the same to the user
+            raise LoraTuneError(
+                f"could not read config.json of {source} ({type(e).__name__}); pass a local folder or go online"
+            ) from None
+    return json.loads(path.read_text())
+
+
+def estimate(shape: ModelShape, cfg: RunCfg, device: str = "cuda", supervised_fraction: float = 1.0) -> Plan:
+    """Peak training memory of `cfg` on `shape` (worst case: every sample `max_length` tokens long)."""
+    m, lo, t = cfg.model, cfg.lora, cfg.train
+    act_bytes = 4.0 if t.precision == "fp32" or (m.quantization == "fp32" and device == "cpu") else 2.0
+    q = m.quantization
+    per = quant4_bytes_per_param(m.double_quant) if q in ("nf4", "fp4") else WEIGHT_BYTES[q]
+    unquant_bytes = WEIGHT_BYTES[q] if q in ("bf16", "fp16", "fp32") else act_bytes
+    parts: dict[str, float] = {}
+    parts["base weights (linear layers)"] = shape.linear_params() * per
+    parts["embeddings, LM head, norms"] = (shape.embedding_params() + shape.norm_params()) * unquant_bytes
+    linears = shape.linears()
+    targets = set(linears) if lo.target_modules == "all-linear" else set(lo.target_modules) & set(linears)
+    lora_params = shape.layers * sum(lo.r * (a + b) for name, (a, b) in linears.items() if name in targets)
+    opt_bytes = 8.0 if t.optimizer in ("adamw", "paged_adamw_32bit") else 2.0
+    parts["LoRA weights + grads + optimizer"] = lora_params * (4 + 4 + opt_bytes)
+    tokens = t.micro_batch_size * cfg.data.max_length
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
+    lora_inputs = len(targets) * h if lo.dropout > 0 else 0  # dropout keeps a masked copy of each input
+    # per token, one layer: norms in/out, q/k/v, attention output, MLP gate/up/act/product, residuals
+    layer_saved = (6 * h + 2 * kv + 4 * i + lora_inputs) * act_bytes + 2 * h * 4  # RMSNorm keeps fp32 inputs
+    if t.gradient_checkpointing:
+        parts["activations"] = tokens * (shape.layers * h * act_bytes + layer_saved)
+    else:
+        parts["activations"] = tokens * shape.layers * layer_saved
+    parts["logits + loss"] = tokens * supervised_fraction * shape.vocab * (act_bytes + 4 + 4)
+    if q in ("nf4", "fp4", "int8"):
+        parts["de-quantization scratch"] = max(a * b for a, b in linears.values()) * act_bytes * 2
+    if device == "cuda":
+        parts["CUDA context + allocator slack"] = CUDA_OVERHEAD
+    return Plan(parts, t.micro_batch_size, t.grad_accum, cfg.data.max_length, t.gradient_checkpointing, device)
+
+
+def auto_fit(shape: ModelShape, cfg: RunCfg, budget: float, device: str = "cuda") -> tuple[RunCfg, Plan]:
+    """The fastest settings that fit `budget` bytes, keeping the effective batch (micro-batch x accumulation).
+
+    Tries, in order: the given settings; gradient checkpointing on; smaller micro-batches (more
+    accumulation); finally a shorter max_length. Raises when nothing fits.
+    """
+    effective = cfg.train.micro_batch_size * cfg.train.grad_accum
+    candidates = []
+    for ckpt in [cfg.train.gradient_checkpointing] + ([True] if not cfg.train.gradient_checkpointing else []):
+        mb = cfg.train.micro_batch_size
+        while mb >= 1:
+            candidates.append((ckpt, mb, cfg.data.max_length))
+            mb //= 2
+    length = cfg.data.max_length // 2
+    while length >= 128:
+        candidates.append((True, 1, length))
+        length //= 2
+    for ckpt, mb, length in candidates:
+        trial = replace(
+            cfg,
+            train=replace(
+                cfg.train,
+                gradient_checkpointing=ckpt,
+                micro_batch_size=mb,
+                grad_accum=max(1, math.ceil(effective / mb)),
+            ),
+            data=replace(cfg.data, max_length=length),
+        )
+        plan = estimate(shape, trial, device)
+        if plan.total <= budget:
+            if (ckpt, mb, length) != candidates[0]:
+                plan.notes.append(
+                    f"chose micro_batch_size={mb}, grad_accum={trial.train.grad_accum}, "
+                    f"gradient_checkpointing={ckpt}, max_length={length} to fit {budget / GIB:.1f} GiB"
+                )
+            return trial, plan
+    raise LoraTuneError(
+        f"nothing fits in {budget / GIB:.1f} GiB, even micro-batch 1 at max_length 128 with "
+        "checkpointing; use a smaller model or 4-bit weights"
+    )
+
+
+def parse_size(text: str) -> float:
+    """'12GiB', '12GB', '12g', '800MiB' -> bytes (GB and GiB both taken as 2**30, as GPUs are sold)."""
+    import re
+
+    m = re.fullmatch(r"\s*([\d.]+)\s*([gmk]?)(?:i?b)?\s*", text.lower())
+    if not m:
+        raise LoraTuneError(f"--gpu-memory {text!r}: write a size like 12GiB or 800MiB")
+    return float(m.group(1)) * {"g": GIB, "m": 2**20, "k": 2**10, "": GIB}[m.group(2)]

@@ -1,0 +1,190 @@
+"""Planner arithmetic, auto-fit, the out-of-memory fallback, and the benchmark code on a tiny setup."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lora_tune.bench.plan import GIB, ModelShape, auto_fit, estimate, parse_size, quant4_bytes_per_param
+from lora_tune.config import load_config
+from lora_tune.errors import LoraTuneError
+
+from conftest import tiny_overrides
+
+LLAMA_8B = {
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "tie_word_embeddings": False,
+}
+
+
+def test_shape_counts_llama_8b_parameters():
+    shape = ModelShape.from_config(LLAMA_8B)
+    total = shape.linear_params() + shape.embedding_params() + shape.norm_params()
+    assert total == pytest.approx(8.03e9, rel=0.01)  # Llama-3-8B has 8.03 B parameters
+
+
+def test_nf4_bytes_per_param():
+    assert quant4_bytes_per_param(True) == pytest.approx(0.516, abs=0.001)
+    assert quant4_bytes_per_param(False) == pytest.approx(0.5625)
+
+
+def test_estimate_parts_follow_the_settings():
+    shape = ModelShape.from_config(LLAMA_8B)
+    base = load_config(
+        None, ["data.train_file=x", "model.quantization=nf4", "data.max_length=1024", "train.micro_batch_size=1"]
+    )
+    plan = estimate(shape, base)
+    assert plan.parts["base weights (linear layers)"] == pytest.approx(6.98e9 * 0.516, rel=0.01)  # 6.98 B linear params
+    assert plan.parts["embeddings, LM head, norms"] == pytest.approx(2 * 128256 * 4096 * 2 + 4096 * 65 * 2)
+    no_ckpt = estimate(
+        shape,
+        load_config(
+            None,
+            [
+                "data.train_file=x",
+                "data.max_length=1024",
+                "train.micro_batch_size=1",
+                "train.gradient_checkpointing=false",
+            ],
+        ),
+    )
+    assert no_ckpt.parts["activations"] > 5 * plan.parts["activations"]
+    bf16 = estimate(shape, load_config(None, ["data.train_file=x", "model.quantization=bf16"]))
+    assert bf16.parts["base weights (linear layers)"] > 3.8 * plan.parts["base weights (linear layers)"]
+    assert "CUDA context + allocator slack" not in estimate(shape, base, device="cpu").parts
+
+
+def test_auto_fit_keeps_the_effective_batch():
+    shape = ModelShape.from_config(LLAMA_8B)
+    cfg = load_config(
+        None,
+        [
+            "data.train_file=x",
+            "train.micro_batch_size=8",
+            "train.grad_accum=2",
+            "data.max_length=2048",
+            "train.gradient_checkpointing=false",
+        ],
+    )
+    fitted, plan = auto_fit(shape, cfg, 12 * GIB)
+    assert plan.total <= 12 * GIB and plan.notes
+    assert fitted.train.micro_batch_size * fitted.train.grad_accum >= 16
+    assert fitted.train.gradient_checkpointing
+    with pytest.raises(LoraTuneError, match="nothing fits"):
+        auto_fit(shape, cfg, 2 * GIB)
+
+
+def test_parse_size():
+    assert parse_size("12GiB") == 12 * GIB and parse_size("800MiB") == 800 * 2**20 and parse_size("24") == 24 * GIB
+    with pytest.raises(LoraTuneError):
+        parse_size("lots")
+
+
+def test_out_of_memory_halves_micro_batches_and_keeps_the_math(tiny_model_dir, chat_files, tmp_path, monkeypatch):
+    """A forced OOM on micro-batches of more than 1 row: the run goes on, with the same losses."""
+    from lora_tune.train import loop
+    from lora_tune.train.loop import train
+    from lora_tune.train.metrics import read_metrics
+
+    train_file, val_file = chat_files
+    args = {"train.max_steps": 4, "lora.dropout": 0.0}
+    train(load_config(None, tiny_overrides(tiny_model_dir, train_file, val_file, tmp_path / "a", **args)))
+    real = loop.supervised_loss_sum
+
+    def small_only(model, batch):
+        if batch["input_ids"].shape[0] > 1:
+            raise torch.OutOfMemoryError("pretend")
+        return real(model, batch)
+
+    monkeypatch.setattr(loop, "supervised_loss_sum", small_only)
+    train(load_config(None, tiny_overrides(tiny_model_dir, train_file, val_file, tmp_path / "b", **args)))
+
+    def losses(run):
+        return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r.get("split", "train") == "train"]
+
+    assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=1e-5)
+
+
+def test_planner_is_close_to_measured_cpu_memory(tiny_model_dir):
+    """The planner against the profiler-measured peak of one step, on the tiny model (no CUDA overhead)."""
+    from lora_tune.bench.memory import measure_step
+
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tiny_model_dir,
+            "x",
+            None,
+            "unused",
+            **{"data.max_length": 128, "train.micro_batch_size": 4, "train.precision": "fp32"},
+        ),
+    )
+    measured = measure_step(cfg)
+    shape = ModelShape.from_config(json.loads((tiny_model_dir / "config.json").read_text()))
+    planned = estimate(shape, cfg, device="cpu").total
+    assert measured["static_bytes"] > 0 and measured["step_peak_bytes"] > 0
+    assert abs(planned - measured["peak_bytes"]) / measured["peak_bytes"] < 0.25
+
+
+@pytest.mark.parametrize("tool", ["ours", "trl"])
+def test_benchmark_worker_on_a_tiny_setup(tiny_model_dir, tmp_path, tool):
+    import subprocess
+    import sys
+
+    from lora_tune.bench.data import write_bench_data
+
+    if tool == "trl":
+        pytest.importorskip("trl", reason="TRL is a benchmark-only extra: pip install -e '.[bench]'")
+    train_file, val_file = write_bench_data(tmp_path, n_train=12, n_val=4)
+    assert write_bench_data(tmp_path / "again", 12, 4)[0].read_text() == train_file.read_text()  # deterministic
+    spec = {
+        "tool": tool,
+        "name": "tiny",
+        "model": str(tiny_model_dir),
+        "quantization": "fp32",
+        "train_file": str(train_file),
+        "val_file": str(val_file),
+        "steps": 2,
+        "warmup_steps": 1,
+        "micro_batch_size": 2,
+        "max_length": 1024,
+        "extra": {"train.precision": "fp32"} if tool == "ours" else {},
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_tune.bench.worker", json.dumps(spec)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("BENCH "))[6:])
+    assert result["steps"] == 2 and result["tokens_per_s"] > 0 and result["peak_mb"] > 0
+    assert 0 < result["val_loss"] < 20
+
+
+def test_benchmark_summary_and_table():
+    from lora_tune.bench.compare import markdown, summarize
+
+    run = {"tool": "ours", "name": "x", "tokens_per_s": 10.0, "peak_mb": 5.0, "val_loss": 1.0}
+    summary = summarize([run, {**run, "tool": "trl", "tokens_per_s": 5.0, "peak_mb": 10.0}])
+    assert summary[0]["speedup"] == 2.0 and summary[0]["memory_ratio"] == 0.5
+    md = markdown(
+        {
+            "date": "d",
+            "git_sha": "s",
+            "hardware": {"cpu": "c", "cores": 2, "gpu": None},
+            "versions": {},
+            "data": "d",
+            "micro_batch_size": 1,
+            "max_length": 8,
+            "warmup_steps": 1,
+            "steps": 1,
+            "reps": 1,
+            "summary": summary,
+        }
+    )
+    assert "| x | 10 | 5 | 2.00x |" in md
