@@ -32,7 +32,8 @@ def static_bytes(model, optimizer) -> int:
     for p in model.parameters():
         qs = getattr(p, "quant_state", None)
         if qs is not None:
-            tensors += [qs.absmax, qs.code] + ([qs.state2.absmax, qs.state2.code] if qs.state2 is not None else [])
+            inner = getattr(qs, "state2", None) if getattr(qs, "nested", False) else None
+            tensors += [qs.absmax, qs.code] + ([inner.absmax, inner.code] if inner is not None else [])
     for state in optimizer.state.values():
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
     return _tensor_bytes(tensors)
@@ -51,6 +52,7 @@ def measure_step(cfg: RunCfg, device: str = "cpu") -> dict[str, float]:
     model, tok = load_model(cfg.model, precision, resolve_source(cfg.model.source, log=lambda *_: None))
     prepare_for_training(model, cfg.train.gradient_checkpointing)
     model = attach_lora(model, cfg.lora)
+    model.train()  # from_pretrained returns eval mode, where checkpointing (and dropout) are off
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.train)
     scaler = torch.amp.GradScaler(dev.type, enabled=precision.use_scaler)
