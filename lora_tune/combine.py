@@ -15,11 +15,11 @@ When each method fits:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from lora_tune.atomic import replace_dir
 from lora_tune.errors import LoraTuneError
 
 METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "svd")
@@ -90,9 +90,7 @@ def combine_adapters(
             "density": density,
         }
         (saved / "lora_tune.json").write_text(json.dumps(meta, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(saved, out_dir)
+        replace_dir(saved, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

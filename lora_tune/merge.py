@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lora_tune.atomic import replace_dir
 from lora_tune.errors import LoraTuneError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -484,9 +485,7 @@ def merge_adapter(
             _judge_fidelity(report, log)
         (tmp / "README.md").write_text(_model_card(report, adapter, adapter_dir))
         (tmp / "merge_report.json").write_text(json.dumps(asdict(report), indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report

@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from lora_tune.atomic import atomic_write_text
 from lora_tune.config import ModelCfg
 from lora_tune.data.formats import Record
 from lora_tune.data.hygiene import labels_of
@@ -21,7 +22,6 @@ from lora_tune.evaluate.classify import predict_labels
 from lora_tune.evaluate.generate import Sampling, generate_texts, prompt_text
 from lora_tune.evaluate.metrics import classification_report, exact_match, rouge_l, token_f1
 from lora_tune.evaluate.perplexity import strided_perplexity, supervised_perplexity
-from lora_tune.train.checkpoint import atomic_write_text
 from lora_tune.train.precision import Precision, choose_device, choose_precision
 
 METRICS = ("perplexity", "f1", "exact_match", "rouge_l", "accuracy", "macro_f1")

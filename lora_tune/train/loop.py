@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ import torch
 from rich.console import Console
 
 from lora_tune import config as C
+from lora_tune.atomic import atomic_write_text, replace_dir
 from lora_tune.data.batching import BatchStream, Position
 from lora_tune.data.splits import prepare as prepare_data
 from lora_tune.data.splits import read_splits
@@ -30,7 +30,7 @@ from lora_tune.data.templates import resolve_chat_template
 from lora_tune.data.tokenize import IGNORE, TokenizeStats
 from lora_tune.errors import LoraTuneError
 from lora_tune.models import attach_lora, count_parameters, load_model, prepare_for_training, resolve_source
-from lora_tune.train.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from lora_tune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lora_tune.train.loss import evaluate_loss, real_tokens, supervised_loss_sum
 from lora_tune.train.metrics import MetricsLog, plot_losses
 from lora_tune.train.optim import build_optimizer, build_scheduler
@@ -178,15 +178,7 @@ def save_adapter(model, tok, out: Path, meta: dict) -> Path:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "lora_tune.json").write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    return out
+    return replace_dir(tmp, out)
 
 
 def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> TrainResult:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lora_tune.train.checkpoint import atomic_write_text
+from lora_tune.atomic import atomic_write_text
 
 
 class MetricsLog:
