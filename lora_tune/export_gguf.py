@@ -215,7 +215,7 @@ def verify_gguf(model_dir: Path, gguf_file: Path, report: GgufReport, log=print)
     a, b = ref(x).logits.float(), got(x).logits.float()
     report.max_abs_logit_diff = float((a - b).abs().max())
     pa, pb = F.log_softmax(a, -1), F.log_softmax(b, -1)
-    report.mean_kl = float((pa.exp() * (pa - pb)).sum(-1).mean())
+    report.mean_kl = max(float((pa.exp() * (pa - pb)).sum(-1).mean()), 0.0)  # >= 0 up to float rounding
     log(
         f"verified {gguf_file.name} against {model_dir}: max |dlogit| {report.max_abs_logit_diff:.4f}, "
         f"mean KL {report.mean_kl:.2e}, tokenizer {'identical' if report.tokenizer_roundtrip else 'DIFFERS'}"

@@ -291,7 +291,7 @@ def compare_logits(ref, merged, name: str) -> Fidelity:
     return Fidelity(
         name,
         max_diff,
-        kl_sum / max(n_tok, 1),
+        max(kl_sum / max(n_tok, 1), 0.0),  # KL >= 0; float rounding can give -1e-9
         math.exp(nll["ref"] / max(n_sup, 1)),
         math.exp(nll["merged"] / max(n_sup, 1)),
         n_tok,

@@ -188,3 +188,30 @@ def test_benchmark_summary_and_table():
         }
     )
     assert "| x | 10 | 5 | 2.00x |" in md
+
+
+def test_train_auto_fit_applies_the_plan(tiny_model_dir, chat_files, tmp_path):
+    from lora_tune.train.loop import train
+
+    train_file, val_file = chat_files
+    over = {"train.max_steps": 2, "train.micro_batch_size": 8, "train.grad_accum": 1, "data.max_length": 64}
+    cfg = load_config(None, tiny_overrides(tiny_model_dir, train_file, val_file, tmp_path / "run", **over))
+    shape = ModelShape.from_config(json.loads((tiny_model_dir / "config.json").read_text()))
+    import dataclasses
+
+    at_two = estimate(shape, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=2)), "cpu")
+    budget_mib = (at_two.total + 1024) / 2**20
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tiny_model_dir,
+            train_file,
+            val_file,
+            tmp_path / "run",
+            **over,
+            **{"train.auto_fit": True, "train.memory_budget": f"{budget_mib:.4f}MiB"},
+        ),
+    )
+    res = train(cfg)
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert res.steps == 2 and "micro_batch_size: 2" in saved and "grad_accum: 4" in saved
