@@ -216,6 +216,7 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
 
     prepare_for_training(model, tc.gradient_checkpointing)
     model = attach_lora(model, cfg.lora)
+    model.train()  # explicitly, before the first validation pass (see models.evaluating)
     trainable, total = count_parameters(model)
     console.print(
         f"LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
