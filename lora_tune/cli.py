@@ -425,6 +425,26 @@ def plan(config: str, overrides: tuple[str, ...], gpu_memory: str | None, device
         console.print(f"(effective batch kept: {result.micro_batch_size} x {cfg.train.grad_accum})")
 
 
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("grid_items", nargs=-1)
+@click.option("--grid", "grid_opts", multiple=True, help="a dimension, section.key=v1,v2 (repeatable)")
+@click.option("--set", "fixed", multiple=True, help="a fixed override, section.key=value (repeatable)")
+@click.option("--budget-steps", default=None, type=click.IntRange(min=1), help="optimizer steps per run")
+@click.option("--out", default="runs/sweep", show_default=True, help="folder for the runs and the table")
+def sweep(config, grid_items, grid_opts, fixed, budget_steps, out) -> None:
+    """Train a grid of settings for the same step budget and rank them by validation.
+
+    lora-tune sweep CONFIG --grid train.lr=1e-4,2e-4 lora.r=8,16 --budget-steps 100
+    """
+    from lora_tune.sweep import parse_grid, run_sweep
+
+    try:
+        run_sweep(config, parse_grid([*grid_opts, *grid_items]), out, budget_steps, tuple(fixed))
+    except LoraTuneError as e:
+        _fail(e)
+
+
 @main.command("config-reference")
 def config_reference() -> None:
     """Print every config key with its default and meaning (markdown)."""

@@ -89,3 +89,39 @@ def test_data_inspect_bad_file_lists_every_problem(tmp_path, tiny_model_dir):
     assert f"{data}:2: invalid JSON" in out
     assert f"{data}:3: no supervised token left after truncation" in out
     assert f"{data}:4: messages[0]: `content` must be a string" in out
+
+
+def test_sweep_ranks_a_grid(tmp_path, tiny_model_dir, chat_files):
+    import json
+
+    from conftest import tiny_overrides
+
+    train_file, val_file = chat_files
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    fixed = [
+        f"--set={o}"
+        for o in tiny_overrides(tiny_model_dir, train_file, val_file, tmp_path / "unused")
+        if not o.startswith(("output_dir", "train.lr", "train.max_steps"))
+    ]
+    code, out = run(
+        [
+            "sweep",
+            str(cfg),
+            "--grid",
+            "train.lr=1e-3,3e-2",
+            "lora.r=2",
+            "--budget-steps",
+            "4",
+            "--out",
+            str(tmp_path / "sw"),
+            *fixed,
+        ]
+    )
+    assert code == 0, out
+    ranked = json.loads((tmp_path / "sw" / "sweep.json").read_text())["ranked"]
+    assert len(ranked) == 2 and all(r["steps"] == 4 for r in ranked)
+    assert ranked[0]["val_loss"] <= ranked[1]["val_loss"]
+    assert "| rank | train.lr | lora.r | val_loss |" in (tmp_path / "sw" / "sweep.md").read_text()
+    code, out = run(["sweep", str(cfg), "--grid", "train.lr"])
+    assert code == 1 and "section.key=v1,v2" in out
