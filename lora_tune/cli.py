@@ -28,9 +28,6 @@ def _quiet_known_noise() -> None:
 
     # peft still calls the pre-v5 checkpointing API name
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
-    # bnb's CPU 4-bit matmul has no registered autograd kernel; its gradients are checked against a
-    # dense model in tests/test_models.py::test_nf4_lora_gradients_match_dequantized_model
-    warnings.filterwarnings("ignore", message="bitsandbytes::gemv_4bit: an autograd kernel was not registered")
     # bnb tries to fetch an optional CPU kernel from the hub at import; the built-in kernel is used instead
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
