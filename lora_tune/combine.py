@@ -38,7 +38,7 @@ def combine_adapters(
     from peft import PeftModel
 
     from lora_tune.config import ModelCfg
-    from lora_tune.models import load_model, load_tokenizer, resolve_source
+    from lora_tune.models import adapter_meta, load_model, load_tokenizer, resolve_source
     from lora_tune.train.precision import Precision
 
     adapters = [Path(a) for a in adapters]
@@ -48,12 +48,7 @@ def combine_adapters(
         raise LoraTuneError("give two or more adapters and one weight per adapter (--weights 0.5,0.5)")
     if method in ("ties", "dare_linear", "dare_ties") and density is None:
         density = 0.5
-    metas = []
-    for a in adapters:
-        if not (a / "adapter_config.json").is_file():
-            raise LoraTuneError(f"{a} is not an adapter folder (no adapter_config.json)")
-        meta_path = a / "lora_tune.json"
-        metas.append(json.loads(meta_path.read_text()) if meta_path.is_file() else {})
+    metas = [adapter_meta(a) for a in adapters]
     bases = {m.get("base_model") for m in metas if m.get("base_model")}
     if base is None:
         if len(bases) > 1:

@@ -10,10 +10,8 @@ from rich.table import Table
 
 from lora_tune.config import RunCfg, load_config
 from lora_tune.evaluate.generate import Sampling, generate_reply
-from lora_tune.evaluate.run import EvalSettings, ModelSpec, print_report, run_eval, write_report
-from lora_tune.models import load_adapter, load_model, resolve_source
+from lora_tune.evaluate.run import EvalSettings, ModelSpec, load_for_inference, print_report, run_eval, write_report
 from lora_tune.train.loop import TrainResult, train
-from lora_tune.train.precision import choose_device, choose_precision
 
 DEMO_PROMPT = "How much does Nimbus Notes Pro cost?"
 
@@ -25,13 +23,9 @@ def demo_config(output_dir: str = "runs/demo", overrides: tuple[str, ...] = ()) 
 
 
 def _answer(cfg: RunCfg, adapter: Path | None, prompt: str) -> str:
-    precision = choose_precision(cfg.train.precision, choose_device(cfg.train.device))
-    model, tok = load_model(cfg.model, precision, resolve_source(cfg.model.source))
-    if adapter is not None:
-        model = load_adapter(model, adapter)
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(adapter)  # the tokenizer and template saved with the adapter
+    """The base model's (or base + adapter's, with the adapter's saved template) greedy answer."""
+    spec = ModelSpec(cfg.model.source, str(adapter) if adapter else None, cfg.model.quantization)
+    model, tok, _ = load_for_inference(spec, cfg.train.device)
     return generate_reply(model, tok, [{"role": "user", "content": prompt}], max_new_tokens=60)
 
 

@@ -23,6 +23,7 @@ import torch
 
 from lora_tune.atomic import replace_dir
 from lora_tune.errors import LoraTuneError
+from lora_tune.train.progress import peak_rss_mb
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SHARD_BYTES = 2 * 2**30
@@ -77,12 +78,11 @@ class AdapterWeights:
 def read_adapter(adapter_dir: str | Path) -> AdapterWeights:
     from safetensors.torch import load_file
 
+    from lora_tune.models import adapter_meta
+
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise LoraTuneError(f"{adapter_dir} is not an adapter folder (no adapter_config.json)")
+    meta = adapter_meta(adapter_dir)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    meta_path = adapter_dir / "lora_tune.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if config.get("peft_type", "LORA") != "LORA":
         raise LoraTuneError(f"{adapter_dir} holds a {config.get('peft_type')} adapter; only LoRA can be merged")
     unsupported = [k for k in ("rank_pattern", "alpha_pattern", "modules_to_save") if config.get(k)]
@@ -138,12 +138,6 @@ def merged_weight(w: torch.Tensor, lora: dict[str, torch.Tensor], scale: float) 
         norm = w32.norm(p=2, dim=1, keepdim=True)
         w32 = lora["m"].float().view(-1, 1) * w32 / norm
     return w32
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def stream_merge(
@@ -303,13 +297,11 @@ def check_fidelity(
 ) -> tuple[list[Fidelity], str]:
     """Merged model vs base+adapter (16-bit base), and vs the model as trained (quantized base + adapter)."""
     from lora_tune.config import ModelCfg
-    from lora_tune.models import load_adapter, load_model, load_tokenizer
+    from lora_tune.models import adapter_meta, load_adapter, load_model, load_tokenizer
     from lora_tune.train.precision import choose_device, choose_precision
 
     tok = load_tokenizer(str(adapter_dir), ModelCfg(source=str(adapter_dir)))
-    meta_path = adapter_dir / "lora_tune.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    examples, source = fidelity_examples(tok, meta)
+    examples, source = fidelity_examples(tok, adapter_meta(adapter_dir))
     device = choose_device("auto")
     # fp16 matmuls are poorly supported on CPUs: there the fp16 weights are up-cast (exactly) to fp32
     load_dtype = "fp32" if device.type == "cpu" and dtype == "fp16" else dtype
@@ -478,7 +470,7 @@ def merge_adapter(
         _generation_config(tmp, tok)
         # peak of the merge itself (imports included), before the fidelity check loads whole models
         report = MergeReport(
-            str(out_dir), base, str(adapter_dir), base_weights, dtype, merged, _peak_rss_mb(), total / 2**20
+            str(out_dir), base, str(adapter_dir), base_weights, dtype, merged, peak_rss_mb(), total / 2**20
         )
         if check:
             report.fidelity, _ = check_fidelity(tmp, base_path, adapter_dir, dtype, trained_quant, log)

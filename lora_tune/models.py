@@ -8,6 +8,7 @@ cache (`$LORA_TUNE_CACHE`, default `~/.cache/lora_tune`).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -237,14 +238,24 @@ def attach_lora(model, cfg: LoraCfg):
         raise LoraTuneError(f"lora.target_modules={target!r}: {_first_line(e)}; linear layers here: {names}") from None
 
 
+def adapter_meta(adapter_dir: str | Path) -> dict[str, Any]:
+    """What lora_tune recorded beside an adapter (base model, quantization, steps, config); {} if nothing.
+
+    Raises when the folder is not an adapter folder at all.
+    """
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise LoraTuneError(f"{adapter_dir} is not an adapter folder (no adapter_config.json)")
+    meta_path = adapter_dir / "lora_tune.json"
+    return json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+
+
 def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
     """Attach a saved adapter (a folder with adapter_config.json + adapter_model.safetensors)."""
     from peft import PeftModel
 
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise LoraTuneError(f"{adapter_dir} is not an adapter folder (no adapter_config.json)")
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    adapter_meta(adapter_dir)  # a clear error for a folder that is not an adapter
+    return PeftModel.from_pretrained(model, Path(adapter_dir), is_trainable=trainable)
 
 
 @contextmanager

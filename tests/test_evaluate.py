@@ -162,3 +162,36 @@ def test_eval_cli_errors(tiny_model_dir, tmp_path):
     assert r.exit_code == 1 and "unknown metric" in r.output
     r = CliRunner().invoke(main, ["eval", "--adapter", str(tmp_path)])
     assert r.exit_code == 1 and "not an adapter folder" in r.output
+
+
+def test_generate_label_mode_counts_unparseable_answers(tiny_model_dir, tmp_path):
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "c.jsonl", [chat(f"review {i}", lab) for i, lab in enumerate(["good", "bad"] * 2)])
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            "--model",
+            str(tiny_model_dir),
+            "--quantization",
+            "fp32",
+            "--data",
+            str(data),
+            "--metrics",
+            "accuracy,f1",
+            "--label-mode",
+            "generate",
+            "--labels",
+            "good,bad",
+            "--max-new-tokens",
+            "3",
+            "--out",
+            str(out),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    base = json.loads(out.read_text())["results"]["base"]
+    assert 0 <= base["details"]["unparseable_generations"] <= 4 and len(base["details"]["examples"]) == 4
+    assert set(base["metrics"]) == {"accuracy", "macro_f1", "f1"}

@@ -10,11 +10,12 @@ loss over the assistant tokens of the held-out chats.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+
+from lora_tune.train.progress import peak_rss_mb
 
 
 @dataclass
@@ -43,10 +44,6 @@ def rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _val_loss(model, tok, val_file: str, max_length: int, autocast) -> float:

@@ -56,13 +56,9 @@ class ModelSpec:
         """Fill in the base model and quantization from the adapter's lora_tune.json where not given."""
         if run:
             adapter = str(Path(run) / "adapter")
-        meta: dict[str, Any] = {}
-        if adapter:
-            meta_path = Path(adapter) / "lora_tune.json"
-            if not (Path(adapter) / "adapter_config.json").is_file():
-                raise LoraTuneError(f"{adapter} is not an adapter folder (no adapter_config.json)")
-            if meta_path.is_file():
-                meta = json.loads(meta_path.read_text())
+        from lora_tune.models import adapter_meta
+
+        meta: dict[str, Any] = adapter_meta(adapter) if adapter else {}
         source = model or meta.get("base_model")
         if not source:
             raise LoraTuneError("say which base model to use: --model SRC (or --run DIR of a lora-tune run)")
@@ -113,9 +109,11 @@ def evaluate_model(
         metrics["text_perplexity"], metrics["text_loss"] = p.ppl, p.loss
         details["text_tokens"] = p.tokens
     wanted = [m for m in GENERATIVE if m in s.metrics]
+    generated: list[str] = []  # greedy answers, made once for every metric that needs them
     if wanted or ({"accuracy", "macro_f1"} & set(s.metrics) and s.label_mode == "generate"):
         prompts = [_final_prompt(tok, r) for r in records]
-        preds, speed = generate_texts(model, tok, prompts, s.sampling, s.batch_size)
+        generated, speed = generate_texts(model, tok, prompts, s.sampling, s.batch_size)
+        preds = generated
         refs = [r.response() for r in records]
         for m in wanted:
             metrics[m] = sum(GENERATIVE[m](p, r) for p, r in zip(preds, refs, strict=True)) / len(refs)
@@ -136,9 +134,8 @@ def evaluate_model(
         if unknown:
             raise LoraTuneError(f"{unknown[0][0]}: reference {unknown[0][1]!r} is not among the labels {labels}")
         if s.label_mode == "generate":
-            gen, _ = generate_texts(model, tok, [_final_prompt(tok, r) for r in records], s.sampling, s.batch_size)
-            preds = [g.strip() if g.strip() in labels else labels[0] for g in gen]
-            details["unparseable_generations"] = sum(g.strip() not in labels for g in gen)
+            preds = [g.strip() if g.strip() in labels else labels[0] for g in generated]
+            details["unparseable_generations"] = sum(g.strip() not in labels for g in generated)
         else:
             preds, _ = predict_labels(model, tok, records, labels, precision.autocast, batch_size=s.batch_size)
         rep = classification_report(preds, refs, labels)
@@ -151,7 +148,7 @@ def evaluate_model(
 def _read_inputs(tok, s: EvalSettings) -> tuple[list[Record] | None, list[list[int]] | None]:
     records = docs = None
     if s.data:
-        records = load_records(s.data)[: s.max_samples] if s.max_samples else load_records(s.data)
+        records = load_records(s.data)[: s.max_samples]
         needs_response = set(s.metrics) - {"perplexity"}
         if needs_response and any(r.response() is None for r in records):
             raise LoraTuneError(
