@@ -124,3 +124,10 @@ def tiny_overrides(model_dir: Path, train: Path, val: Path | None, out: Path, **
         base["data.val_file"] = str(val)
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def tiny_config(model_dir: Path, train: Path, val: Path | None, out: Path, **extra):
+    """A validated RunCfg for a fast fp32 LoRA run on the tiny model (see `tiny_overrides`)."""
+    from lora_tune.config import load_config
+
+    return load_config(None, tiny_overrides(model_dir, train, val, out, **extra))

@@ -11,7 +11,7 @@ from lora_tune.bench.plan import GIB, ModelShape, auto_fit, estimate, parse_size
 from lora_tune.config import load_config
 from lora_tune.errors import LoraTuneError
 
-from conftest import tiny_overrides
+from conftest import tiny_config
 
 LLAMA_8B = {
     "vocab_size": 128256,
@@ -95,7 +95,7 @@ def test_out_of_memory_halves_micro_batches_and_keeps_the_math(tiny_model_dir, c
 
     train_file, val_file = chat_files
     args = {"train.max_steps": 4, "lora.dropout": 0.0}
-    train(load_config(None, tiny_overrides(tiny_model_dir, train_file, val_file, tmp_path / "a", **args)))
+    train(tiny_config(tiny_model_dir, train_file, val_file, tmp_path / "a", **args))
     real = loop.supervised_loss_sum
 
     def small_only(model, batch):
@@ -104,7 +104,7 @@ def test_out_of_memory_halves_micro_batches_and_keeps_the_math(tiny_model_dir, c
         return real(model, batch)
 
     monkeypatch.setattr(loop, "supervised_loss_sum", small_only)
-    train(load_config(None, tiny_overrides(tiny_model_dir, train_file, val_file, tmp_path / "b", **args)))
+    train(tiny_config(tiny_model_dir, train_file, val_file, tmp_path / "b", **args))
 
     def losses(run):
         return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r.get("split", "train") == "train"]
@@ -116,15 +116,12 @@ def test_planner_is_close_to_measured_cpu_memory(tiny_model_dir):
     """The planner against the profiler-measured peak of one step, on the tiny model (no CUDA overhead)."""
     from lora_tune.bench.memory import measure_step
 
-    cfg = load_config(
+    cfg = tiny_config(
+        tiny_model_dir,
+        "x",
         None,
-        tiny_overrides(
-            tiny_model_dir,
-            "x",
-            None,
-            "unused",
-            **{"data.max_length": 128, "train.micro_batch_size": 4, "train.precision": "fp32"},
-        ),
+        "unused",
+        **{"data.max_length": 128, "train.micro_batch_size": 4, "train.precision": "fp32"},
     )
     measured = measure_step(cfg)
     shape = ModelShape.from_config(json.loads((tiny_model_dir / "config.json").read_text()))
@@ -195,22 +192,19 @@ def test_train_auto_fit_applies_the_plan(tiny_model_dir, chat_files, tmp_path):
 
     train_file, val_file = chat_files
     over = {"train.max_steps": 2, "train.micro_batch_size": 8, "train.grad_accum": 1, "data.max_length": 64}
-    cfg = load_config(None, tiny_overrides(tiny_model_dir, train_file, val_file, tmp_path / "run", **over))
+    cfg = tiny_config(tiny_model_dir, train_file, val_file, tmp_path / "run", **over)
     shape = ModelShape.from_config(json.loads((tiny_model_dir / "config.json").read_text()))
     import dataclasses
 
     at_two = estimate(shape, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=2)), "cpu")
     budget_mib = (at_two.total + 1024) / 2**20
-    cfg = load_config(
-        None,
-        tiny_overrides(
-            tiny_model_dir,
-            train_file,
-            val_file,
-            tmp_path / "run",
-            **over,
-            **{"train.auto_fit": True, "train.memory_budget": f"{budget_mib:.4f}MiB"},
-        ),
+    cfg = tiny_config(
+        tiny_model_dir,
+        train_file,
+        val_file,
+        tmp_path / "run",
+        **over,
+        **{"train.auto_fit": True, "train.memory_budget": f"{budget_mib:.4f}MiB"},
     )
     res = train(cfg)
     saved = (tmp_path / "run" / "config.yaml").read_text()

@@ -14,7 +14,7 @@ from lora_tune.train.metrics import read_metrics
 from lora_tune.train.optim import build_optimizer, build_scheduler
 from lora_tune.train.precision import Precision
 
-from conftest import tiny_overrides
+from conftest import tiny_config
 
 CPU32 = Precision(torch.device("cpu"), torch.float32, "test")
 
@@ -85,21 +85,18 @@ def test_dora_and_rslora_train(tiny_model_dir, tmp_path, lora):
 def test_early_stopping(tiny_model_dir, chat_files, tmp_path):
     train_file, val_file = chat_files
     # lr 0 can never improve validation loss, so patience 2 stops at the second evaluation after the first
-    cfg = load_config(
-        None,
-        tiny_overrides(
-            tiny_model_dir,
-            train_file,
-            val_file,
-            tmp_path / "run",
-            **{
-                "train.max_steps": 20,
-                "train.eval_every": 2,
-                "train.lr": 1e-12,
-                "train.early_stopping_patience": 2,
-                "train.early_stopping_min_delta": 0.01,
-            },
-        ),
+    cfg = tiny_config(
+        tiny_model_dir,
+        train_file,
+        val_file,
+        tmp_path / "run",
+        **{
+            "train.max_steps": 20,
+            "train.eval_every": 2,
+            "train.lr": 1e-12,
+            "train.early_stopping_patience": 2,
+            "train.early_stopping_min_delta": 0.01,
+        },
     )
     res = train(cfg)
     assert res.stopped_early and res.steps == 6
@@ -119,7 +116,7 @@ def test_task_metric_logged_and_drives_early_stopping(tiny_model_dir, chat_files
         "eval.max_new_tokens": 4,
         "eval.early_stopping_on": "metric",
     }
-    res = train(load_config(None, tiny_overrides(tiny_model_dir, train_file, val_file, tmp_path / "run", **overrides)))
+    res = train(tiny_config(tiny_model_dir, train_file, val_file, tmp_path / "run", **overrides))
     vals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("split") == "val"]
     assert all("f1" in r and 0.0 <= r["f1"] <= 1.0 for r in vals)
     assert res.stopped_early and res.steps == 6  # an unchanging f1 never improves

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from lora_tune.cli import main
-from lora_tune.config import ModelCfg, load_config
+from lora_tune.config import ModelCfg
 from lora_tune.data.formats import parse_record
 from lora_tune.evaluate.classify import predict_labels
 from lora_tune.evaluate.generate import Sampling, generate_texts, prompt_text
@@ -22,7 +22,7 @@ from lora_tune.models import load_model
 from lora_tune.train.loop import train
 from lora_tune.train.precision import Precision
 
-from conftest import chat, tiny_overrides
+from conftest import chat, tiny_config
 
 CPU32 = Precision(torch.device("cpu"), torch.float32, "test")
 
@@ -126,7 +126,7 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny):
 def test_eval_cli_compare_writes_json_and_markdown(tiny_model_dir, chat_files, tmp_path):
     train_file, val_file = chat_files
     run = tmp_path / "run"
-    train(load_config(None, tiny_overrides(tiny_model_dir, train_file, val_file, run, **{"train.max_steps": 8})))
+    train(tiny_config(tiny_model_dir, train_file, val_file, run, **{"train.max_steps": 8}))
     out = tmp_path / "report.json"
     result = CliRunner().invoke(
         main,

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from lora_tune.config import DataCfg, load_config
+from lora_tune.config import DataCfg
 from lora_tune.data.formats import parse_record
 from lora_tune.data.hygiene import deduplicate, labels_of, leaked, normalize, oversample
 from lora_tune.data.splits import prepare
 from lora_tune.train.loop import train
 from lora_tune.train.metrics import read_metrics
 
-from conftest import chat, tiny_overrides
+from conftest import chat, tiny_config
 
 
 def recs(rows):
@@ -70,15 +70,12 @@ def test_prepare_drops_leaked_and_uses_the_cache(tiny_tokenizer, tmp_path, monke
 @pytest.mark.parametrize("packing", [True, False])
 def test_training_on_packed_or_grouped_batches_learns(tiny_model_dir, chat_files, tmp_path, packing):
     train_file, val_file = chat_files
-    cfg = load_config(
-        None,
-        tiny_overrides(
-            tiny_model_dir,
-            train_file,
-            val_file,
-            tmp_path / "run",
-            **{"data.packing": packing, "data.max_length": 128, "train.max_steps": 10, "train.micro_batch_size": 2},
-        ),
+    cfg = tiny_config(
+        tiny_model_dir,
+        train_file,
+        val_file,
+        tmp_path / "run",
+        **{"data.packing": packing, "data.max_length": 128, "train.max_steps": 10, "train.micro_batch_size": 2},
     )
     res = train(cfg)
     vals = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("split") == "val"]

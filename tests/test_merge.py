@@ -9,13 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_tune.config import LoraCfg, ModelCfg, load_config
+from lora_tune.config import LoraCfg, ModelCfg
 from lora_tune.merge import merge_adapter, merged_weight, nf4_roundtrip, read_adapter
 from lora_tune.models import attach_lora, load_adapter, load_model, prepare_for_training
 from lora_tune.train.loop import train
 from lora_tune.train.precision import Precision
 
-from conftest import tiny_overrides
+from conftest import tiny_config
 
 CPU32 = Precision(torch.device("cpu"), torch.float32, "test")
 CPU16 = Precision(torch.device("cpu"), torch.bfloat16, "test")
@@ -52,7 +52,7 @@ def test_merged_weights_equal_peft_merge(tiny_model_dir, tmp_path, lora):
 def test_merge_output_loads_offline_and_matches_adapter(tiny_model_dir, chat_files, tmp_path):
     train_file, val_file = chat_files
     run = tmp_path / "run"
-    train(load_config(None, tiny_overrides(tiny_model_dir, train_file, val_file, run, **{"train.max_steps": 6})))
+    train(tiny_config(tiny_model_dir, train_file, val_file, run, **{"train.max_steps": 6}))
     rep = merge_adapter(run / "adapter", tmp_path / "merged", dtype="fp16", log=lambda *_: None)
     out = tmp_path / "merged"
     assert rep.merged_tensors == 14 and not rep.warnings
@@ -90,15 +90,12 @@ def test_dequantized_merge_reproduces_the_qlora_model(tiny_model_dir, chat_files
     train_file, val_file = chat_files
     run = tmp_path / "run"
     train(
-        load_config(
-            None,
-            tiny_overrides(
-                tiny_model_dir,
-                train_file,
-                val_file,
-                run,
-                **{"train.max_steps": 6, "model.quantization": "nf4", "train.precision": "bf16"},
-            ),
+        tiny_config(
+            tiny_model_dir,
+            train_file,
+            val_file,
+            run,
+            **{"train.max_steps": 6, "model.quantization": "nf4", "train.precision": "bf16"},
         )
     )
     orig = merge_adapter(run / "adapter", tmp_path / "m-orig", dtype="fp16", log=lambda *_: None)

@@ -13,18 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_tune.config import load_config
 from lora_tune.errors import LoraTuneError
 from lora_tune.train.checkpoint import list_checkpoints
 from lora_tune.train.loop import train
 from lora_tune.train.metrics import read_metrics
 
-from conftest import tiny_overrides
+from conftest import tiny_config, tiny_overrides
 
 
 def _cfg(tiny_model_dir, chat_files, out, **extra):
     train_file, val_file = chat_files
-    return load_config(None, tiny_overrides(tiny_model_dir, train_file, val_file, out, **extra))
+    return tiny_config(tiny_model_dir, train_file, val_file, out, **extra)
 
 
 def test_train_writes_a_complete_run(tiny_model_dir, chat_files, tmp_path):
