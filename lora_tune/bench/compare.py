@@ -41,7 +41,7 @@ def _git_sha() -> str:
         return "unknown"
 
 
-def _hardware() -> dict:
+def hardware() -> dict:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
@@ -51,7 +51,7 @@ def _hardware() -> dict:
     return {"cpu": cpu, "cores": torch.get_num_threads(), "gpu": gpu, "platform": platform.platform()}
 
 
-def _versions() -> dict:
+def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
@@ -63,6 +63,21 @@ def _versions() -> dict:
     return out
 
 
+MEDIANS = ("tokens_per_s", "peak_mb", "val_loss", "step_s", "padding_share", "mfu")
+
+
+def add_mfu(runs: list[dict], flops: dict) -> None:
+    """Each run's MFU: its real tokens/s x model FLOPs per token / the measured matmul peak."""
+    from lora_tune.bench.flops import flops_per_token, mfu
+    from lora_tune.bench.plan import ModelShape
+
+    shape = ModelShape(**flops["shape"])
+    for r in runs:
+        if "error" not in r:
+            per_token = flops_per_token(shape, flops["attention_seq_len"], r["gradient_checkpointing"], r["r"])
+            r["mfu"] = mfu(r["tokens_per_s"], per_token, flops["peak_flops"])
+
+
 def summarize(runs: list[dict]) -> list[dict]:
     rows = []
     for name in dict.fromkeys(r["name"] for r in runs):
@@ -72,7 +87,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             if not ok:
                 row[tool] = None
                 continue
-            row[tool] = {k: statistics.median(r[k] for r in ok) for k in ("tokens_per_s", "peak_mb", "val_loss")}
+            row[tool] = {k: statistics.median(r[k] for r in ok) for k in MEDIANS if all(k in r for r in ok)}
             row[tool]["runs"] = len(ok)
         if row["ours"] and row["trl"]:
             row["speedup"] = row["ours"]["tokens_per_s"] / row["trl"]["tokens_per_s"]
@@ -95,27 +110,37 @@ def markdown(result: dict) -> str:
         f"{result['reps']} runs, each in a fresh process, tools alternating.",
         "",
         "| configuration | ours tokens/s | TRL tokens/s | speed-up | ours peak MB | TRL peak MB | memory ratio "
-        "| ours val loss | TRL val loss |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| ours val loss | TRL val loss | ours MFU | TRL MFU | ours padding | TRL padding |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def pct(d: dict, k: str) -> str:
+        return f"{100 * d[k]:.1f}%" if k in d else "-"
+
     for r in result["summary"]:
         o, t = r["ours"], r["trl"]
         if not (o and t):
             lines.append(
                 f"| {r['name']} | {o and round(o['tokens_per_s'])} | {t and round(t['tokens_per_s'])} | "
-                "failed | | | | | |"
+                "failed | | | | | | | | | |"
             )
             continue
         lines.append(
             f"| {r['name']} | {o['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} | {r['speedup']:.2f}x | "
             f"{o['peak_mb']:.0f} | {t['peak_mb']:.0f} | {r['memory_ratio']:.2f} | {o['val_loss']:.3f} | "
-            f"{t['val_loss']:.3f} |"
+            f"{t['val_loss']:.3f} | {pct(o, 'mfu')} | {pct(t, 'mfu')} | {pct(o, 'padding_share')} | "
+            f"{pct(t, 'padding_share')} |"
         )
     lines += [
         "",
         "Tokens/s counts real (non-padding) tokens. Peak MB is the process's peak RSS minus its RSS after "
         "importing torch/transformers/peft/trl. Validation loss is the mean over assistant tokens of the "
-        "held-out chats after the run, computed by the same code for both.",
+        "held-out chats after the run, computed by the same code for both. MFU: real tokens/s x model FLOPs "
+        "per token (4N for LoRA on a frozen base, +2N recompute with checkpointing, plus attention at the "
+        "data's token-weighted mean length; `lora_tune/bench/flops.py`) over the best bf16 matmul FLOP/s "
+        "measured on this machine"
+        + (f" ({result['flops']['peak_flops'] / 1e12:.2f} TFLOP/s)" if result.get("flops") else "")
+        + ". Padding: share of the computed token positions that were padding.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -146,6 +171,32 @@ def plot(result: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def flops_setup(train_file: Path, max_length: int, model: str = "builtin:smollm2-135m") -> dict:
+    """What MFU needs: the model's shape, the data's token-weighted mean length, and the matmul peak."""
+    from dataclasses import asdict as as_dict
+
+    import torch
+
+    from lora_tune.bench.flops import matmul_peak
+    from lora_tune.bench.plan import ModelShape, load_model_config
+    from lora_tune.config import ModelCfg
+    from lora_tune.data.readers import load_records
+    from lora_tune.data.tokenize import encode_records
+    from lora_tune.models import load_tokenizer, resolve_source
+
+    path = resolve_source(model, log=lambda *_: None)
+    tok = load_tokenizer(path, ModelCfg(source=model))
+    examples, _ = encode_records(tok, load_records(train_file), max_length)
+    lengths = [len(e.input_ids) for e in examples]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {
+        "shape": as_dict(ModelShape.from_config(load_model_config(model))),
+        "attention_seq_len": sum(n * n for n in lengths) / sum(lengths),  # the length a token attends over
+        "peak_flops": matmul_peak(device),
+        "peak_device": str(device),
+    }
+
+
 def compare(
     out_dir: Path,
     reps: int = 3,
@@ -159,6 +210,8 @@ def compare(
     """Run the matrix; write `<out_dir>/results/<stamp>.json`, `RESULTS.md` and `results.png`."""
     out_dir = Path(out_dir)
     train_file, val_file = write_bench_data(out_dir / "data")
+    flops = flops_setup(train_file, max_length)
+    log(f"matmul peak here: {flops['peak_flops'] / 1e12:.2f} TFLOP/s (bf16)")
     runs = []
     for rep in range(reps):
         for name, settings in matrix:
@@ -182,17 +235,19 @@ def compare(
                     else [f"{r['tokens_per_s']:.0f} tok/s, {r['peak_mb']:.0f} MB, val {r['val_loss']:.3f}"]
                 )
                 log(f"[{rep + 1}/{reps}] {name:20s} {tool:5s} {msg[0] if msg else 'error'}")
+    add_mfu(runs, flops)
     result = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "git_sha": _git_sha(),
-        "hardware": _hardware(),
-        "versions": _versions(),
+        "hardware": hardware(),
+        "versions": versions(),
         "reps": reps,
         "steps": steps,
         "warmup_steps": warmup,
         "micro_batch_size": micro_batch_size,
         "max_length": max_length,
         "data": "200 chats of 1-6 turns (68-406 tokens)",
+        "flops": flops,
         "runs": runs,
         "summary": summarize(runs),
     }

@@ -96,6 +96,7 @@ def run_ours(spec: Spec, base_rss: float) -> dict:
     return {
         "seconds": seconds,
         "real_tokens": sum(r["real_tokens"] for r in timed),
+        "padded_tokens": sum(r["padded_tokens"] for r in timed),
         "supervised_tokens": sum(r["tokens"] for r in timed),
         "steps": len(timed),
         "val_loss": vals[-1],
@@ -152,12 +153,16 @@ def run_trl(spec: Spec, base_rss: float) -> dict:
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=lora)
     counts: list[int] = []
+    padded: list[int] = []
+    supervised: list[int] = []
     inner = trainer.data_collator
 
     def counting_collator(features):
         batch = inner(features)
         mask = batch.get("attention_mask")
         counts.append(int(mask.sum()) if mask is not None else int((batch["input_ids"] != -1).sum()))
+        padded.append(batch["input_ids"].numel())
+        supervised.append(int((batch["labels"][:, 1:] != -100).sum()) if "labels" in batch else 0)
         return batch
 
     trainer.data_collator = counting_collator
@@ -175,7 +180,8 @@ def run_trl(spec: Spec, base_rss: float) -> dict:
     return {
         "seconds": seconds,
         "real_tokens": sum(counts[w : w + spec.steps]),
-        "supervised_tokens": None,
+        "padded_tokens": sum(padded[w : w + spec.steps]),
+        "supervised_tokens": sum(supervised[w : w + spec.steps]),
         "steps": len(stamps) - w,
         "val_loss": _val_loss(trainer.model, tok, spec.val_file, spec.max_length, autocast),
         "peak_mb": peak_rss_mb() - base_rss,
@@ -199,6 +205,9 @@ def main() -> None:
     base = rss_mb()
     result = run_ours(spec, base) if spec.tool == "ours" else run_trl(spec, base)
     result["tokens_per_s"] = result["real_tokens"] / result["seconds"]
+    result["supervised_tokens_per_s"] = result["supervised_tokens"] / result["seconds"]
+    result["step_s"] = result["seconds"] / result["steps"]
+    result["padding_share"] = 1 - result["real_tokens"] / result["padded_tokens"]
     result["threads"] = torch.get_num_threads()
     print("BENCH " + json.dumps({**asdict(spec), **result}))
 

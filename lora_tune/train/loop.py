@@ -48,6 +48,7 @@ class TrainResult:
     stopped_early: bool = False
     resumed_from: int | None = None
     seconds: float = 0.0
+    peak_memory_mb: float = 0.0  # CUDA: max allocated; CPU: the process's peak RSS
 
 
 def set_seed(seed: int) -> None:
@@ -152,6 +153,7 @@ def optimizer_step(
         "loss": float(loss_total) / n_total,
         "tokens": n_total,
         "real_tokens": sum(real_tokens(b) for b in micro),
+        "padded_tokens": sum(b["input_ids"].numel() for b in micro),  # what the model computed on
         "grad_norm": grad_norm,
         "split": split,
     }
@@ -305,6 +307,7 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
                     "lr": lr,
                     "tokens": out["tokens"],
                     "real_tokens": out["real_tokens"],
+                    "padded_tokens": out["padded_tokens"],
                     "grad_norm": out["grad_norm"],
                     "epoch": stream.position.epoch,
                     "time": round(time.perf_counter() - t_start, 3),
@@ -352,6 +355,7 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
     save_adapter(model, tok, result.adapter_dir, meta)
     plot_losses(log.read(), run_dir / "loss.png", title=f"{cfg.model.source} - {run_dir.name}")
     result.seconds = time.perf_counter() - t_start
+    result.peak_memory_mb = peak_memory_mb(device)
     console.print(f"adapter saved to {result.adapter_dir}; metrics in {log.path}; plot in {run_dir / 'loss.png'}")
     return result
 

@@ -1,0 +1,1 @@
+"""Recipes: ready-to-run fine-tunes for common domains (data builders, runner, report)."""
