@@ -12,6 +12,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lora_tune.atomic import atomic_write_text
 from lora_tune.bench.data import write_bench_data
 from lora_tune.bench.worker import Spec
 
@@ -254,6 +255,9 @@ def compare(
     (out_dir / "results").mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
     (out_dir / "results" / f"trl-{stamp}.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "RESULTS.md").write_text(markdown(result) + "\n![chart](results.png)\n")
+    results_md = out_dir / "RESULTS.md"
+    old = results_md.read_text() if results_md.exists() else ""
+    kept = old[old.find("\n## ") :] if "\n## " in old else ""  # sections appended by hand or by ablation.py
+    atomic_write_text(results_md, markdown(result) + "\n![chart](results.png)\n" + kept)
     plot(result, out_dir / "results.png")
     return result

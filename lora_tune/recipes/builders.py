@@ -1,9 +1,9 @@
 """Deterministic data builders for the recipes.
 
 Each builder reads a pinned source archive (see `sources.py`) or text written here and writes
-`train.jsonl`, `val.jsonl` and `test.jsonl` (or `.txt` for raw text) plus `manifest.json` (counts,
-SHA-256 of every file, sources and licences) into a folder. The same inputs give the same bytes:
-splits come from hashes of the content, samples from a seeded RNG, and files are written sorted.
+`train.jsonl`, `val.jsonl` and `test.jsonl` (raw text as `{"text": ...}` records) plus `manifest.json`
+(counts, SHA-256 of every file, sources and licences) into a folder. The same inputs give the same
+bytes: splits come from hashes of the content, samples from seeded RNGs, and records keep source order.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from lora_tune.recipes.sources import SOURCES, fetch, sha256_of
 
 @dataclass
 class Built:
-    files: dict[str, int]  # file name -> records (or documents)
+    files: dict[str, int]  # file name -> records
     sources: list[str]  # where the data came from, with licences
 
 

@@ -70,9 +70,10 @@ def recipe_config(recipe: Recipe, data_dir: Path, output_dir: str, smoke: bool, 
 
 
 def eval_settings(recipe: Recipe, data_dir: Path, smoke: bool) -> EvalSettings:
+    """The recipe's `eval` section as `lora-tune eval` settings, its files resolved in `data_dir`."""
     ev = dict(recipe.eval)
-    sampling = Sampling(max_new_tokens=8 if smoke else ev.pop("max_new_tokens", 64))
-    ev.pop("max_new_tokens", None)
+    max_new_tokens = ev.pop("max_new_tokens", 64)
+    sampling = Sampling(max_new_tokens=8 if smoke else max_new_tokens)
     for key in ("data", "text"):
         if ev.get(key):
             ev[key] = str(data_dir / ev[key])
