@@ -70,6 +70,12 @@ def _finish(out: Path, parts: dict[str, list], sources: list[str]) -> Built:
     return Built(files, sources)
 
 
+def chat_record(system: str, user: str, assistant: str, **extra: str) -> dict:
+    """A three-message chat record (the `messages` format), with any extra fields such as an id."""
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    return {**extra, "messages": [*msgs, {"role": "assistant", "content": assistant}]}
+
+
 def _cap(rows: list, n: int | None, seed: str) -> list:
     """At most `n` rows, a seeded sample that keeps the original order."""
     if n is None or len(rows) <= n:
@@ -134,16 +140,7 @@ def build_chatterbot_qa(out: Path, params: dict, log=print) -> Built:
                     continue
                 seen.add(_norm(q))
                 pairs.append((cat, q, a))
-    rows = [
-        {
-            "messages": [
-                {"role": "system", "content": QA_SYSTEM},
-                {"role": "user", "content": q},
-                {"role": "assistant", "content": a},
-            ]
-        }
-        for _, q, a in pairs
-    ]
+    rows = [chat_record(QA_SYSTEM, q, a) for _, q, a in pairs]
     parts = split_by_key(
         rows, lambda r: _norm(r["messages"][1]["content"]), params.get("val", 0.1), params.get("test", 0.15)
     )
@@ -181,16 +178,7 @@ def build_vader_sentiment(out: Path, params: dict, log=print) -> Built:
             continue
         seen.add(_norm(snippet))
         label = "positive" if score > 0 else "negative"
-        records.append(
-            {
-                "id": f"movie-{ident}",
-                "messages": [
-                    {"role": "system", "content": SENTIMENT_SYSTEM},
-                    {"role": "user", "content": snippet},
-                    {"role": "assistant", "content": label},
-                ],
-            }
-        )
+        records.append(chat_record(SENTIMENT_SYSTEM, snippet, label, id=f"movie-{ident}"))
     parts = split_by_key(records, lambda r: r["id"], params.get("val", 0.1), params.get("test", 0.1))
     balanced = {}
     for name, part in parts.items():
@@ -254,15 +242,7 @@ def build_docs_summaries(out: Path, params: dict, log=print) -> Built:
         if not (lo <= len(body.split()) <= hi and 4 <= len(summary.split()) <= 30) or _norm(body) in seen:
             continue
         seen.add(_norm(body))
-        rows.append(
-            {
-                "messages": [
-                    {"role": "system", "content": SUMMARY_SYSTEM},
-                    {"role": "user", "content": body},
-                    {"role": "assistant", "content": summary},
-                ]
-            }
-        )
+        rows.append(chat_record(SUMMARY_SYSTEM, body, summary))
     # split by summary so copies of one docstring (Graph / DiGraph / MultiGraph methods) stay together
     parts = split_by_key(
         rows, lambda r: _norm(r["messages"][-1]["content"]), params.get("val", 0.08), params.get("test", 0.12)
@@ -349,16 +329,7 @@ def build_docs_qa(out: Path, params: dict, log=print) -> Built:
         random.Random(f"{module}:{func}").shuffle(qa)
         for question, answer in qa[:per_function]:
             user = f"Documentation of `{func}`:\n\n{context}\n\nQuestion: {question}"
-            rows.append(
-                {
-                    "id": f"{module}:{func}",
-                    "messages": [
-                        {"role": "system", "content": DOCS_QA_SYSTEM},
-                        {"role": "user", "content": user},
-                        {"role": "assistant", "content": answer},
-                    ],
-                }
-            )
+            rows.append(chat_record(DOCS_QA_SYSTEM, user, answer, id=f"{module}:{func}"))
     # split by function name: a held-out question is about documentation never seen in training (functions
     # of the same name in two modules, e.g. bipartite and general closeness_centrality, often share text)
     rows = list({json.dumps(r, sort_keys=True): r for r in rows}.values())
