@@ -294,6 +294,7 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
             out = optimizer_step(
                 model, stream, tc.grad_accum, precision, scaler, optimizer, params, tc.max_grad_norm, split, bar.note
             )
+            recovered = out["split"] != split  # this step hit an out-of-memory error and was redone smaller
             split = out["split"]
             scheduler.step()
             step += 1
@@ -333,7 +334,14 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
                         bar.note(f"early stopping: no improvement in {tc.early_stopping_patience} evaluations")
                         result.stopped_early = True
             state["position"] = {"epoch": stream.position.epoch, "index": stream.position.index}
-            if tc.save_every and step % tc.save_every == 0 or step == total_steps or result.stopped_early:
+            if recovered:
+                bar.note(f"step {step}: checkpoint after the out-of-memory recovery (micro-batches now in {split})")
+            if (
+                (tc.save_every and step % tc.save_every == 0)
+                or step == total_steps
+                or result.stopped_early
+                or recovered
+            ):
                 save_checkpoint(run_dir, step, model, optimizer, scheduler, scaler, state, tc.keep_last)
                 last_saved = step
             if result.stopped_early:
