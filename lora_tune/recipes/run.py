@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from lora_tune.atomic import atomic_write_text
 from lora_tune.config import RunCfg, load_config
 from lora_tune.evaluate.generate import Sampling
-from lora_tune.evaluate.run import EvalSettings, ModelSpec, run_eval, write_report
+from lora_tune.evaluate.run import EvalSettings, ModelSpec, print_report, run_eval, write_report
 from lora_tune.recipes.builders import BUILDERS
 from lora_tune.recipes.registry import Recipe
 
@@ -116,10 +115,11 @@ def _run(recipe, data_dir, overrides, smoke, merge, output_dir, resume, overwrit
     merged = None
     if merge:
         merged = _merge(cfg, result.adapter_dir, result.run_dir / "merged", console)
-    summary = _summary(recipe, cfg, result, report, merged, smoke, time.perf_counter() - t0, data_dir)
+    summary = _summary(recipe, cfg, result, report, merged, smoke, time.perf_counter() - t0, data_dir, settings)
     atomic_write_text(result.run_dir / "report.json", json.dumps(summary, indent=2, default=str))
     atomic_write_text(result.run_dir / "report.md", report_markdown(summary))
-    _print_summary(summary, console)
+    print_report(report, console)
+    console.print(f"headline metric: {recipe.metric}", highlight=False)
     console.print(f"report: {result.run_dir / 'report.md'} (and report.json, eval.md, loss.png)")
     return RecipeResult(result.run_dir, summary)
 
@@ -141,7 +141,7 @@ def _merge(cfg: RunCfg, adapter_dir: Path, out: Path, console: Console) -> dict[
     }
 
 
-def _summary(recipe, cfg, result, report, merged, smoke, seconds, data_dir) -> dict[str, Any]:
+def _summary(recipe, cfg, result, report, merged, smoke, seconds, data_dir, settings) -> dict[str, Any]:
     from lora_tune.bench.compare import hardware, versions
     from lora_tune.config import to_dict
 
@@ -168,7 +168,7 @@ def _summary(recipe, cfg, result, report, merged, smoke, seconds, data_dir) -> d
         "data": manifest,
         "merged": merged,
         "config": to_dict(cfg),
-        "eval_settings": {k: v for k, v in asdict(eval_settings(recipe, data_dir, smoke)).items() if v is not None},
+        "eval_settings": {k: v for k, v in asdict(settings).items() if v is not None},
         "hardware": hardware(),
         "versions": versions(),
     }
@@ -211,17 +211,3 @@ def report_markdown(s: dict[str, Any]) -> str:
         lines += ["", f"Merged ({m['base_weights']} base) into `{m['out_dir']}`. {fid}"]
     lines += ["", "![loss](loss.png)", "", "Per-example outputs and per-class tables: eval.md / eval.json."]
     return "\n".join(lines) + "\n"
-
-
-def _print_summary(s: dict[str, Any], console: Console) -> None:
-    table = Table(title=f"{s['recipe']}: base vs tuned")
-    for col in ("metric", "base", "tuned", "change"):
-        table.add_column(col, justify="left" if col == "metric" else "right")
-    for k, v in s["metrics"].items():
-        table.add_row(
-            k + (" *" if k == s["headline_metric"] else ""),
-            f"{v['base']:.4f}",
-            f"{v['tuned']:.4f}",
-            f"{v['delta']:+.4f}",
-        )
-    console.print(table)
