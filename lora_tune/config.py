@@ -102,6 +102,7 @@ class TrainCfg:
     )
     betas: list[float] = _f([0.9, 0.999], "AdamW betas")
     gradient_checkpointing: bool = _f(True, "recompute activations in backward (non-reentrant)")
+    chunked_loss: bool = _f(True, "LM head + cross-entropy a chunk of positions at a time (never all logits at once)")
     precision: Precision = _f("auto", "auto: bf16 on GPUs that have it, else fp16+GradScaler; CPU: measured")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train")
     log_every: int = _f(1, "print a progress line every N steps when not on a terminal")

@@ -98,10 +98,10 @@ def test_out_of_memory_halves_micro_batches_and_keeps_the_math(tiny_model_dir, c
     train(tiny_config(tiny_model_dir, train_file, val_file, tmp_path / "a", **args))
     real = loop.supervised_loss_sum
 
-    def small_only(model, batch):
+    def small_only(model, batch, chunked):
         if batch["input_ids"].shape[0] > 1:
             raise torch.OutOfMemoryError("pretend")
-        return real(model, batch)
+        return real(model, batch, chunked)
 
     monkeypatch.setattr(loop, "supervised_loss_sum", small_only)
     train(tiny_config(tiny_model_dir, train_file, val_file, tmp_path / "b", **args, **{"train.save_every": 0}))

@@ -8,6 +8,10 @@ records during one full optimizer step.
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
+
 import torch
 
 from lora_tune.config import RunCfg
@@ -68,20 +72,40 @@ def measure_step(cfg: RunCfg, device: str = "cpu") -> dict[str, float]:
         def next(self):
             return batch
 
-    optimizer_step(model, Once(), 1, precision, scaler, optimizer, params, cfg.train.max_grad_norm)  # states exist
+    def step():
+        t = cfg.train
+        optimizer_step(
+            model, Once(), 1, precision, scaler, optimizer, params, t.max_grad_norm, chunked_loss=t.chunked_loss
+        )
+
+    step()  # optimizer states exist from here on
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        optimizer_step(model, Once(), 1, precision, scaler, optimizer, params, cfg.train.max_grad_norm)
+        step()
         torch.cuda.synchronize()
         return {"peak_bytes": float(torch.cuda.max_memory_allocated()), "static_bytes": float("nan")}
     static = static_bytes(model, optimizer)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        optimizer_step(model, Once(), 1, precision, scaler, optimizer, params, cfg.train.max_grad_norm)
-    # Each allocation or free is counted once, in the op that made it (its "self" memory); frees outside
-    # any op are separate "[memory]" events. The running sum in time order is the live dynamic memory.
-    live = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
-        peak = max(peak, live)
+    peak = dynamic_peak_bytes(step)
     return {"peak_bytes": float(static + peak), "static_bytes": float(static), "step_peak_bytes": float(peak)}
+
+
+def dynamic_peak_bytes(fn) -> int:
+    """Peak CPU tensor bytes allocated (and not yet freed) while `fn()` runs, above the level at its start.
+
+    From the allocator's running total that torch's profiler records with each allocation and free
+    (its trace's "[memory]" events). Summing the ops' own "self" memory instead undercounts: an op
+    that frees inside itself (a chunked loop, a composite op) books the frees at its start.
+    """
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    mem = [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    if not mem:
+        return 0
+    first = min(mem, key=lambda a: a["Ev Idx"])
+    start = first["Total Allocated"] - first["Bytes"]
+    return max(a["Total Allocated"] for a in mem) - start

@@ -9,7 +9,10 @@ The estimate is a sum of parts, each from a simple model of what the training st
   (2 x fp32, or 2 x 1 byte for 8-bit AdamW).
 - activations per token per layer: with checkpointing only the layer input is kept (hidden x dtype),
   plus one layer's recompute working set; without it, every saved tensor of every layer.
-- logits: only supervised positions get logits in lora_tune (bf16 logits, their fp32 copy, its gradient).
+- logits: only supervised positions get logits in lora_tune. With the chunked loss (default) one chunk of
+  rows is alive at a time (fp32 logits, worked on in place, beside a transient 16-bit copy) plus the
+  stored gradient of the hidden states; without it, all of them: the fp32 log-softmax kept for backward
+  and the two fp32 gradients around it.
 - dequantization scratch: one 16-bit copy of the largest quantized matrix (4-bit matmul de-quantizes).
 - runtime overhead: CUDA context and allocator slack on a GPU (a constant), nothing on the CPU.
 """
@@ -24,6 +27,7 @@ from typing import Any
 
 from lora_tune.config import RunCfg
 from lora_tune.errors import LoraTuneError
+from lora_tune.train.chunked_ce import chunk_rows
 
 GIB = 2**30
 WEIGHT_BYTES = {"nf4": None, "fp4": None, "int8": 1.0, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0}
@@ -149,7 +153,17 @@ def estimate(shape: ModelShape, cfg: RunCfg, device: str = "cuda", supervised_fr
         parts["activations"] = tokens * (shape.layers * h * act_bytes + layer_saved)
     else:
         parts["activations"] = tokens * shape.layers * layer_saved
-    parts["logits + loss"] = tokens * supervised_fraction * shape.vocab * (act_bytes + 4 + 4)
+    supervised = tokens * supervised_fraction
+    if t.chunked_loss:
+        transient = act_bytes if act_bytes < 4 else 0  # the 16-bit logits beside their fp32 copy
+        chunk = min(supervised, chunk_rows(shape.vocab)) * shape.vocab * (4 + transient)
+        if t.gradient_checkpointing:
+            # the loss runs at the end of forward, one layer's recompute in backward: never both at once
+            chunk = max(0.0, chunk - tokens * layer_saved)
+        parts["logits + loss"] = chunk + supervised * h * act_bytes  # + the stored hidden-state gradient
+    else:
+        # the fp32 log-softmax saved for backward and, in backward, the gradients into and out of it
+        parts["logits + loss"] = supervised * shape.vocab * 12
     if q in ("nf4", "fp4", "int8"):
         parts["de-quantization scratch"] = max(a * b for a, b in linears.values()) * act_bytes * 2
     if device == "cuda":

@@ -117,6 +117,7 @@ def optimizer_step(
     max_grad_norm: float,
     split: int = 1,
     log=print,
+    chunked_loss: bool = True,
 ) -> dict[str, float]:
     """One optimizer step over `accum` micro-batches, normalised by their total supervised tokens.
 
@@ -128,7 +129,7 @@ def optimizer_step(
     n_total = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
     while True:
         try:
-            loss_total = _accumulate(model, micro, split, n_total, precision, scaler)
+            loss_total = _accumulate(model, micro, split, n_total, precision, scaler, chunked_loss)
             break
         except torch.OutOfMemoryError:
             rows = micro[0]["input_ids"].shape[0]
@@ -159,7 +160,9 @@ def optimizer_step(
     }
 
 
-def _accumulate(model, micro, split: int, n_total: int, precision: Precision, scaler) -> torch.Tensor:
+def _accumulate(
+    model, micro, split: int, n_total: int, precision: Precision, scaler, chunked_loss: bool
+) -> torch.Tensor:
     loss_total = torch.zeros((), device=precision.device)
     for batch in micro:
         rows = batch["input_ids"].shape[0]
@@ -167,7 +170,7 @@ def _accumulate(model, micro, split: int, n_total: int, precision: Precision, sc
         for lo in range(0, rows, size):
             piece = {k: v[lo : lo + size] for k, v in batch.items()}
             with precision.autocast():
-                loss_sum, _ = supervised_loss_sum(model, piece)
+                loss_sum, _ = supervised_loss_sum(model, piece, chunked_loss)
             scaler.scale(loss_sum / n_total).backward()
             loss_total += loss_sum.detach()
     return loss_total
@@ -292,7 +295,17 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
         while step < total_steps:
             lr = scheduler.get_last_lr()[0]
             out = optimizer_step(
-                model, stream, tc.grad_accum, precision, scaler, optimizer, params, tc.max_grad_norm, split, bar.note
+                model,
+                stream,
+                tc.grad_accum,
+                precision,
+                scaler,
+                optimizer,
+                params,
+                tc.max_grad_norm,
+                split,
+                bar.note,
+                tc.chunked_loss,
             )
             recovered = out["split"] != split  # this step hit an out-of-memory error and was redone smaller
             split = out["split"]

@@ -3,6 +3,8 @@
 The usual path computes logits for every position (batch x length x vocab, then an fp32 copy) and
 throws most away when the loss is on responses only. We run the decoder, pick the hidden states of
 the supervised positions, and apply the LM head to those alone: same loss, a fraction of the logits.
+With `chunked` (the default) the head and cross-entropy then run a chunk of rows at a time
+(`chunked_ce`), so even those logits are never all alive at once.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_tune.data.tokenize import IGNORE
+from lora_tune.train.chunked_ce import linear_cross_entropy
 
 
 def _base(model):
@@ -53,7 +56,11 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["attention_mask" if "attention_mask" in batch else "real"].sum())
 
 
-def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _frozen_plain_linear(head) -> bool:
+    return type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+
+
+def token_losses(model, batch: dict[str, torch.Tensor], chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy of each supervised position, boolean map of those positions over labels[:, 1:])."""
     device = next(p for p in model.parameters()).device
     inputs = model_inputs(batch, device)
@@ -63,15 +70,18 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     if _has_plain_head(base):
         hidden = base.get_decoder()(**inputs)
         selected = hidden.last_hidden_state[:, :-1][keep]
-        logits = base.get_output_embeddings()(selected)
+        head = base.get_output_embeddings()
+        if chunked and _frozen_plain_linear(head):
+            return linear_cross_entropy(selected, head.weight, target[keep]), keep
+        logits = head(selected)
     else:
         logits = model(**inputs).logits[:, :-1][keep]
     return F.cross_entropy(logits.float(), target[keep], reduction="none"), keep
 
 
-def supervised_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def supervised_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool = True) -> tuple[torch.Tensor, int]:
     """(sum of token cross-entropies over supervised positions, number of those positions)."""
-    losses, keep = token_losses(model, batch)
+    losses, keep = token_losses(model, batch, chunked)
     return losses.sum(), int(keep.sum())
 
 
