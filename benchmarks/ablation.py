@@ -24,6 +24,7 @@ VARIANTS = [
     ("+ packing", {"packing": True}),
     ("- length grouping (plain padded batches)", {"extra": {"data.group_by_length": False}}),
     ("- response-only logits (loss on all tokens)", {"extra": {"data.loss_on": "all"}}),
+    ("- chunked loss (all logits at once)", {"extra": {"train.chunked_loss": False}}),
     ("- bf16 autocast (fp32 compute)", {"extra": {"train.precision": "fp32"}}),
 ]
 
