@@ -22,6 +22,8 @@ MATRIX = [
     ("qlora-nf4-packed", {"quantization": "nf4", "packing": True}),
     ("lora-bf16", {"quantization": "bf16"}),
     ("lora-bf16-no-ckpt", {"quantization": "bf16", "gradient_checkpointing": False}),
+    ("qlora-nf4-mb8", {"quantization": "nf4", "micro_batch_size": 8}),
+    ("qlora-nf4-len256", {"quantization": "nf4", "max_length": 256}),
 ]
 
 
@@ -75,7 +77,8 @@ def add_mfu(runs: list[dict], flops: dict) -> None:
     shape = ModelShape(**flops["shape"])
     for r in runs:
         if "error" not in r:
-            per_token = flops_per_token(shape, flops["attention_seq_len"], r["gradient_checkpointing"], r["r"])
+            seq = flops.get("attention_seq_len_at", {}).get(str(r.get("max_length")), flops["attention_seq_len"])
+            per_token = flops_per_token(shape, seq, r["gradient_checkpointing"], r["r"])
             r["mfu"] = mfu(r["tokens_per_s"], per_token, flops["peak_flops"])
 
 
@@ -106,7 +109,8 @@ def markdown(result: dict) -> str:
         + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         "",
         f"Model SmolLM2-135M-Instruct, {result['data']}; LoRA r=16 all-linear, micro-batch "
-        f"{result['micro_batch_size']}, max_length {result['max_length']}, AdamW, constant lr; "
+        f"{result['micro_batch_size']} and max_length {result['max_length']} unless the configuration's name "
+        "says otherwise (-mb8: micro-batch 8, -len256: max_length 256), AdamW, constant lr; "
         f"{result['warmup_steps']} warm-up steps excluded, {result['steps']} timed steps; median of "
         f"{result['reps']} runs, each in a fresh process, tools alternating.",
         "",
@@ -172,8 +176,11 @@ def plot(result: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def flops_setup(train_file: Path, max_length: int, model: str = "builtin:smollm2-135m") -> dict:
-    """What MFU needs: the model's shape, the data's token-weighted mean length, and the matmul peak."""
+def flops_setup(
+    train_file: Path, max_length: int, model: str = "builtin:smollm2-135m", other_lengths: tuple[int, ...] = ()
+) -> dict:
+    """What MFU needs: the model's shape, the data's token-weighted mean length (at `max_length` and at
+    each of `other_lengths`), and the matmul peak."""
     from dataclasses import asdict as as_dict
 
     import torch
@@ -187,12 +194,17 @@ def flops_setup(train_file: Path, max_length: int, model: str = "builtin:smollm2
 
     path = resolve_source(model, log=lambda *_: None)
     tok = load_tokenizer(path, ModelCfg(source=model))
-    examples, _ = encode_records(tok, load_records(train_file), max_length)
-    lengths = [len(e.input_ids) for e in examples]
+    records = load_records(train_file)
+
+    def attended(length: int) -> float:  # the token-weighted mean length a token attends over
+        lengths = [len(e.input_ids) for e in encode_records(tok, records, length)[0]]
+        return sum(n * n for n in lengths) / sum(lengths)
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {
         "shape": as_dict(ModelShape.from_config(load_model_config(model))),
-        "attention_seq_len": sum(n * n for n in lengths) / sum(lengths),  # the length a token attends over
+        "attention_seq_len": attended(max_length),
+        "attention_seq_len_at": {str(n): attended(n) for n in {max_length, *other_lengths}},
         "peak_flops": matmul_peak(device),
         "peak_device": str(device),
     }
@@ -211,12 +223,14 @@ def compare(
     """Run the matrix; write `<out_dir>/results/<stamp>.json`, `RESULTS.md` and `results.png`."""
     out_dir = Path(out_dir)
     train_file, val_file = write_bench_data(out_dir / "data")
-    flops = flops_setup(train_file, max_length)
+    lengths = tuple(settings["max_length"] for _, settings in matrix if "max_length" in settings)
+    flops = flops_setup(train_file, max_length, other_lengths=lengths)
     log(f"matmul peak here: {flops['peak_flops'] / 1e12:.2f} TFLOP/s (bf16)")
     runs = []
     for rep in range(reps):
         for name, settings in matrix:
             for tool in ("ours", "trl") if rep % 2 == 0 else ("trl", "ours"):
+                base = {"micro_batch_size": micro_batch_size, "max_length": max_length}
                 spec = Spec(
                     tool=tool,
                     name=name,
@@ -224,9 +238,7 @@ def compare(
                     val_file=str(val_file),
                     steps=steps,
                     warmup_steps=warmup,
-                    micro_batch_size=micro_batch_size,
-                    max_length=max_length,
-                    **settings,
+                    **{**base, **settings},  # a configuration may set its own micro-batch or max length
                 )
                 r = run_one(spec)
                 runs.append(r)
