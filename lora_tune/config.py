@@ -117,7 +117,7 @@ class TrainCfg:
 
 @dataclass
 class EvalCfg:
-    batch_size: int = _f(8, "batch size for validation loss")
+    batch_size: int | None = _f(None, "batch size for validation loss and metrics (default: train.micro_batch_size)")
     max_samples: int | None = _f(None, "cap the validation set at this many samples")
     metric: Literal["none", "f1", "exact_match", "rouge_l", "accuracy", "macro_f1"] = _f(
         "none", "a task metric computed with each validation loss (on metric_samples records)"

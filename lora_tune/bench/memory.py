@@ -106,6 +106,6 @@ def dynamic_peak_bytes(fn) -> int:
     mem = [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
     if not mem:
         return 0
-    first = min(mem, key=lambda a: a["Ev Idx"])
+    first = min(mem, key=lambda a: a.get("Ev Idx", 0))  # the earliest event
     start = first["Total Allocated"] - first["Bytes"]
     return max(a["Total Allocated"] for a in mem) - start

@@ -240,7 +240,9 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * len(stream) / tc.grad_accum))
     scheduler = build_scheduler(optimizer, tc, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
-    val_stream = BatchStream(val_ex, cfg.eval.batch_size, tc.seed, tok.pad_token_id, shuffle=False)
+    # evaluating in batches no larger than training's keeps evaluation within the memory training needs
+    eval_batch = cfg.eval.batch_size or tc.micro_batch_size
+    val_stream = BatchStream(val_ex, eval_batch, tc.seed, tok.pad_token_id, shuffle=False)
     log = MetricsLog(run_dir / "metrics.jsonl")
 
     state = {
@@ -275,7 +277,7 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
             return None
         loss, n = evaluate_loss(model, val_stream, precision.autocast)
         record = {"split": "val", "step": at, "loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": n}
-        value = task_metric(model, tok, precision, cfg.eval, report.val_records)
+        value = task_metric(model, tok, precision, cfg.eval, report.val_records, eval_batch)
         if value is not None:
             record[cfg.eval.metric] = value
         log.write(record)
@@ -381,7 +383,7 @@ def train(cfg: C.RunCfg, resume: bool = False, overwrite: bool = False, console:
     return result
 
 
-def task_metric(model, tok, precision: Precision, ecfg: C.EvalCfg, records) -> float | None:
+def task_metric(model, tok, precision: Precision, ecfg: C.EvalCfg, records, batch_size: int) -> float | None:
     """The configured task metric on the first `metric_samples` validation records (None when off)."""
     if ecfg.metric == "none" or not records:
         return None
@@ -391,7 +393,7 @@ def task_metric(model, tok, precision: Precision, ecfg: C.EvalCfg, records) -> f
     settings = EvalSettings(
         metrics=[ecfg.metric],
         labels=ecfg.labels or None,
-        batch_size=ecfg.batch_size,
+        batch_size=batch_size,
         sampling=Sampling(max_new_tokens=ecfg.max_new_tokens),
     )
     out = evaluate_model(model, tok, precision, settings, records[: ecfg.metric_samples], None)
