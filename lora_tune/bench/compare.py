@@ -179,8 +179,8 @@ def plot(result: dict, out: Path) -> None:
 def flops_setup(
     train_file: Path, max_length: int, model: str = "builtin:smollm2-135m", other_lengths: tuple[int, ...] = ()
 ) -> dict:
-    """What MFU needs: the model's shape, the data's token-weighted mean length (at `max_length` and at
-    each of `other_lengths`), and the matmul peak."""
+    """What MFU needs: the model's shape, the data's token-weighted mean length (at `max_length`, and in
+    `attention_seq_len_at` at each of `other_lengths`), and the matmul peak."""
     from dataclasses import asdict as as_dict
 
     import torch
@@ -204,7 +204,7 @@ def flops_setup(
     return {
         "shape": as_dict(ModelShape.from_config(load_model_config(model))),
         "attention_seq_len": attended(max_length),
-        "attention_seq_len_at": {str(n): attended(n) for n in {max_length, *other_lengths}},
+        "attention_seq_len_at": {str(n): attended(n) for n in set(other_lengths) - {max_length}},
         "peak_flops": matmul_peak(device),
         "peak_device": str(device),
     }
@@ -227,10 +227,10 @@ def compare(
     flops = flops_setup(train_file, max_length, other_lengths=lengths)
     log(f"matmul peak here: {flops['peak_flops'] / 1e12:.2f} TFLOP/s (bf16)")
     runs = []
+    base = {"micro_batch_size": micro_batch_size, "max_length": max_length}
     for rep in range(reps):
         for name, settings in matrix:
             for tool in ("ours", "trl") if rep % 2 == 0 else ("trl", "ours"):
-                base = {"micro_batch_size": micro_batch_size, "max_length": max_length}
                 spec = Spec(
                     tool=tool,
                     name=name,
