@@ -40,7 +40,7 @@ def _quiet_known_noise() -> None:
 def train(config: str, overrides: tuple[str, ...], resume: bool, overwrite: bool) -> None:
     """Train a LoRA adapter: lora-tune train CONFIG.yaml [section.key=value ...]."""
     from lora_tune.config import load_config
-    from lora_tune.train.loop import train as run
+    from lora_tune.finetune import finetune as run
 
     try:
         cfg = load_config(config, overrides)

@@ -39,7 +39,7 @@ def combine_adapters(
 
     from lora_tune.config import ModelCfg
     from lora_tune.models import adapter_meta, load_model, load_tokenizer, resolve_source
-    from lora_tune.train.precision import Precision
+    from lora_tune.runtime import Precision
 
     adapters = [Path(a) for a in adapters]
     if method not in METHODS:

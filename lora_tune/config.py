@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import json
 import types
 import typing
@@ -23,6 +24,13 @@ from lora_tune.errors import ConfigError
 
 Quantization = Literal["nf4", "fp4", "int8", "bf16", "fp16", "fp32"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
+# tracker -> (the module it needs, the extra that installs it)
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "mlflow": ("mlflow", "mlflow"),
+    "wandb": ("wandb", "wandb"),
+}
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
@@ -113,6 +121,7 @@ class TrainCfg:
     auto_fit: bool = _f(False, "let the planner pick micro-batch/accumulation/checkpointing/max_length to fit memory")
     memory_budget: str | None = _f(None, "memory for auto_fit, e.g. 12GiB (default: the GPU's total memory)")
     early_stopping_min_delta: float = _f(0.0, "an improvement must lower val loss by more than this")
+    report_to: list[Tracker] = _f([], "experiment trackers: tensorboard, mlflow, wandb (each an optional extra)")
 
 
 @dataclass
@@ -150,6 +159,7 @@ SECTIONS: dict[str, type] = {
 RESUME_SAFE_KEYS = {
     "output_dir",
     "train.log_every",
+    "train.report_to",
     "train.save_every",
     "train.keep_last",
     "train.eval_every",
@@ -320,6 +330,10 @@ def validate(cfg: RunCfg) -> list[str]:
         p.append(f"`train.warmup_ratio` must be in [0, 1), got {t.warmup_ratio}")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         p.append(f"`train.betas` must be two numbers in [0, 1), got {t.betas}")
+    for name in dict.fromkeys(t.report_to):
+        module, extra = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            p.append(f"`train.report_to: {name}` needs the {module} package: pip install 'lora_tune[{extra}]'")
     return p
 
 

@@ -11,7 +11,8 @@ from rich.table import Table
 from lora_tune.config import RunCfg, load_config
 from lora_tune.evaluate.generate import Sampling, generate_reply
 from lora_tune.evaluate.run import EvalSettings, ModelSpec, load_for_inference, print_report, run_eval, write_report
-from lora_tune.train.loop import TrainResult, train
+from lora_tune.finetune import finetune
+from lora_tune.train.loop import TrainResult
 
 DEMO_PROMPT = "How much does Nimbus Notes Pro cost?"
 
@@ -38,7 +39,7 @@ def run_demo(
     console.rule("[bold]lora-tune demo: QLoRA (NF4) on SmolLM2-135M-Instruct")
     before = _answer(cfg, None, DEMO_PROMPT)
     console.print(f"[bold]before tuning[/] - {DEMO_PROMPT}\n  {before}\n")
-    result = train(cfg, overwrite=True, console=console)
+    result = finetune(cfg, overwrite=True, console=console)
     after = _answer(cfg, result.adapter_dir, DEMO_PROMPT)
     table = Table(title=f"Prompt: {DEMO_PROMPT}", show_lines=True)
     table.add_column("model", style="bold")

@@ -23,9 +23,8 @@ import torch
 
 from lora_tune.atomic import replace_dir
 from lora_tune.errors import LoraTuneError
-from lora_tune.train.progress import peak_rss_mb
+from lora_tune.runtime import DTYPES, peak_rss_mb
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SHARD_BYTES = 2 * 2**30
 ADAPTER_PREFIX = "base_model.model."
 
@@ -298,7 +297,7 @@ def check_fidelity(
     """Merged model vs base+adapter (16-bit base), and vs the model as trained (quantized base + adapter)."""
     from lora_tune.config import ModelCfg
     from lora_tune.models import adapter_meta, load_adapter, load_model, load_tokenizer
-    from lora_tune.train.precision import choose_device, choose_precision
+    from lora_tune.runtime import choose_device, choose_precision
 
     tok = load_tokenizer(str(adapter_dir), ModelCfg(source=str(adapter_dir)))
     examples, source = fidelity_examples(tok, adapter_meta(adapter_dir))
@@ -463,7 +462,7 @@ def merge_adapter(
         merged, total = stream_merge(base_path, adapter, tmp, dtype, base_weights, quant_type, double_quant)
         config = json.loads((tmp / "config.json").read_text())
         config.pop("quantization_config", None)
-        config["torch_dtype"] = config["dtype"] = {"bf16": "bfloat16", "fp16": "float16"}[dtype]
+        config["torch_dtype"] = config["dtype"] = str(DTYPES[dtype]).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tok = load_tokenizer(str(adapter_dir), ModelCfg(source=str(adapter_dir)))  # the training template
         tok.save_pretrained(tmp)

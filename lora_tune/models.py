@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import torch
 
 from lora_tune.config import LoraCfg, ModelCfg
 from lora_tune.errors import LoraTuneError
-from lora_tune.train.precision import Precision
+from lora_tune.runtime import DTYPES, Precision, cache_dir
 
 
 @dataclass(frozen=True)
@@ -57,10 +55,6 @@ BUILTINS: dict[str, Builtin | TinyBuiltin] = {
         description="a random 2-layer Llama (3M parameters) with SmolLM2's tokenizer, for smoke tests only",
     ),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LORA_TUNE_CACHE", Path.home() / ".cache" / "lora_tune"))
 
 
 def resolve_source(source: str, log=print) -> str:
@@ -169,7 +163,7 @@ def quantization_config(cfg: ModelCfg, compute_dtype: torch.dtype):
 
 def weight_dtype(cfg: ModelCfg, precision: Precision) -> torch.dtype:
     """dtype of the weights that stay unquantized (all of them for bf16/fp16/fp32 runs)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(cfg.quantization, precision.dtype)
+    return DTYPES.get(cfg.quantization, precision.dtype)
 
 
 def load_tokenizer(path: str, cfg: ModelCfg):
@@ -299,36 +293,6 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
 
     adapter_meta(adapter_dir)  # a clear error for a folder that is not an adapter
     return PeftModel.from_pretrained(model, Path(adapter_dir), is_trainable=trainable)
-
-
-@contextmanager
-def evaluating(model):
-    """`model.eval()` for the duration, then back to the mode it was in.
-
-    While training is under way, bitsandbytes 4-bit layers are kept in training mode: on CPUs with
-    AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight into an inference-only layout the first
-    time the layer runs in eval mode without gradients, and never unpacks it; the matmul used from
-    then on has no backward, so training after a validation pass would silently lose every gradient
-    that flows through the quantized layers. The 4-bit layers have no dropout or other train/eval
-    difference of their own, so keeping them in training mode changes no result.
-    """
-    was_training = model.training
-    model.eval()
-    if was_training:
-        for layer in _bnb_4bit_layers(model):
-            layer.train()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def _bnb_4bit_layers(model) -> list:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return []
-    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -37,7 +37,7 @@ def run_sweep(
     console: Console | None = None,
 ) -> list[dict[str, Any]]:
     """Train every combination (each in `out_dir/run-NN`), rank by the last validation score, write a table."""
-    from lora_tune.train.loop import train
+    from lora_tune.finetune import finetune
     from lora_tune.train.metrics import read_metrics
 
     console = console or Console(soft_wrap=True)
@@ -57,7 +57,7 @@ def run_sweep(
     rows = []
     for i, (combo, cfg) in enumerate(zip(combos, cfgs, strict=True)):
         console.rule(f"run {i + 1}/{len(combos)}: " + ", ".join(f"{k}={v}" for k, v in combo.items()))
-        res = train(cfg, overwrite=True, console=console)
+        res = finetune(cfg, overwrite=True, console=console)
         vals = [r for r in read_metrics(Path(cfg.output_dir) / "metrics.jsonl") if r.get("split") == "val"]
         last = vals[-1] if vals else {}
         rows.append(

@@ -89,21 +89,21 @@ def test_parse_size():
 
 def test_out_of_memory_halves_micro_batches_and_keeps_the_math(tiny_model_dir, chat_files, tmp_path, monkeypatch):
     """A forced OOM on micro-batches of more than 1 row: the run goes on, with the same losses."""
-    from lora_tune.train import loop
+    from lora_tune.train import objectives
     from lora_tune.train.loop import train
     from lora_tune.train.metrics import read_metrics
 
     train_file, val_file = chat_files
     args = {"train.max_steps": 4, "lora.dropout": 0.0}
     train(tiny_config(tiny_model_dir, train_file, val_file, tmp_path / "a", **args))
-    real = loop.supervised_loss_sum
+    real = objectives.token_losses_and_accuracy
 
     def small_only(model, batch, chunked):
         if batch["input_ids"].shape[0] > 1:
             raise torch.OutOfMemoryError("pretend")
         return real(model, batch, chunked)
 
-    monkeypatch.setattr(loop, "supervised_loss_sum", small_only)
+    monkeypatch.setattr(objectives, "token_losses_and_accuracy", small_only)
     train(tiny_config(tiny_model_dir, train_file, val_file, tmp_path / "b", **args, **{"train.save_every": 0}))
     # the recovered first step is checkpointed at once (otherwise only the final step would be)
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-000001", "step-000004"]
@@ -224,7 +224,7 @@ def test_benchmark_summary_and_table():
 
 
 def test_train_auto_fit_applies_the_plan(tiny_model_dir, chat_files, tmp_path):
-    from lora_tune.train.loop import train
+    from lora_tune.finetune import finetune
 
     train_file, val_file = chat_files
     over = {"train.max_steps": 2, "train.micro_batch_size": 8, "train.grad_accum": 1, "data.max_length": 64}
@@ -242,6 +242,6 @@ def test_train_auto_fit_applies_the_plan(tiny_model_dir, chat_files, tmp_path):
         **over,
         **{"train.auto_fit": True, "train.memory_budget": f"{budget_mib:.4f}MiB"},
     )
-    res = train(cfg)
+    res = finetune(cfg)
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert res.steps == 2 and "micro_batch_size: 2" in saved and "grad_accum: 4" in saved

@@ -7,12 +7,15 @@ import pytest
 import torch
 
 from lora_tune.config import LoraCfg, ModelCfg, TrainCfg, load_config
+from lora_tune.data.batching import Position
+from lora_tune.finetune import finetune
 from lora_tune.models import attach_lora, load_model, prepare_for_training
+from lora_tune.runtime import Precision
 from lora_tune.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lora_tune.train.loop import train
 from lora_tune.train.metrics import read_metrics
 from lora_tune.train.optim import build_optimizer, build_scheduler
-from lora_tune.train.precision import Precision
+from lora_tune.train.state import TrainState
 
 from conftest import tiny_config
 
@@ -47,12 +50,12 @@ def test_checkpoint_round_trip(tiny_model_dir, tmp_path, optimizer):
     random.seed(5)
     np.random.seed(5)
     torch.manual_seed(5)
-    path = save_checkpoint(tmp_path, 3, pm, opt, sched, scaler, {"position": {"epoch": 0, "index": 3}}, keep_last=2)
+    path = save_checkpoint(tmp_path, TrainState(step=3, position=Position(0, 3)), pm, opt, sched, scaler, keep_last=2)
     expect_rng = (random.random(), np.random.rand(), torch.rand(1))
 
     pm2, params2, opt2, sched2, scaler2 = _setup(tiny_model_dir, 99, optimizer)  # different init
     state = load_checkpoint(path, pm2, opt2, sched2, scaler2)
-    assert state["step"] == 3 and state["position"] == {"epoch": 0, "index": 3}
+    assert state.step == 3 and state.position == Position(0, 3)
     assert (random.random(), np.random.rand(), torch.rand(1)) == expect_rng
     for a, b in zip(params, params2, strict=True):
         assert torch.equal(a, b)
@@ -66,7 +69,7 @@ def test_checkpoint_round_trip(tiny_model_dir, tmp_path, optimizer):
 def test_half_written_checkpoints_are_ignored_and_old_ones_pruned(tiny_model_dir, tmp_path):
     pm, params, opt, sched, scaler = _setup(tiny_model_dir, 0)
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, pm, opt, sched, scaler, {}, keep_last=2)
+        save_checkpoint(tmp_path, TrainState(step=step), pm, opt, sched, scaler, keep_last=2)
     (tmp_path / "checkpoints" / ".step-000004.tmp").mkdir()  # what a crash mid-save leaves behind
     (tmp_path / "checkpoints" / "step-000005").mkdir()  # no state.json: incomplete
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002", "step-000003"]
@@ -116,7 +119,7 @@ def test_task_metric_logged_and_drives_early_stopping(tiny_model_dir, chat_files
         "eval.max_new_tokens": 4,
         "eval.early_stopping_on": "metric",
     }
-    res = train(tiny_config(tiny_model_dir, train_file, val_file, tmp_path / "run", **overrides))
+    res = finetune(tiny_config(tiny_model_dir, train_file, val_file, tmp_path / "run", **overrides))
     vals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("split") == "val"]
     assert all("f1" in r and 0.0 <= r["f1"] <= 1.0 for r in vals)
     assert res.stopped_early and res.steps == 6  # an unchanging f1 never improves

@@ -5,14 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from lora_tune.bench.memory import dynamic_peak_bytes
+from lora_tune.chunked_ce import linear_cross_entropy
 from lora_tune.config import LoraCfg, ModelCfg
 from lora_tune.data.batching import collate
 from lora_tune.data.formats import parse_record
 from lora_tune.data.tokenize import encode_records
+from lora_tune.losses import supervised_loss_sum
 from lora_tune.models import attach_lora, load_model, prepare_for_training
-from lora_tune.train.chunked_ce import linear_cross_entropy
-from lora_tune.train.loss import supervised_loss_sum
-from lora_tune.train.precision import Precision
+from lora_tune.runtime import Precision
 
 from conftest import chat
 

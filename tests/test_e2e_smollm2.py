@@ -13,7 +13,8 @@ import pytest
 
 from lora_tune.config import ModelCfg
 from lora_tune.data.tokenize import IGNORE, encode_messages
-from lora_tune.models import cache_dir, ensure_builtin, load_tokenizer
+from lora_tune.models import ensure_builtin, load_tokenizer
+from lora_tune.runtime import cache_dir
 from lora_tune.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -19,8 +19,8 @@ from lora_tune.evaluate.generate import Sampling, generate_texts, prompt_text
 from lora_tune.evaluate.metrics import classification_report, exact_match, normalize_answer, rouge_l, token_f1
 from lora_tune.evaluate.perplexity import strided_nll
 from lora_tune.models import load_model
+from lora_tune.runtime import Precision
 from lora_tune.train.loop import train
-from lora_tune.train.precision import Precision
 
 from conftest import chat, tiny_config
 

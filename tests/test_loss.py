@@ -8,11 +8,12 @@ from lora_tune.config import LoraCfg, ModelCfg, TrainCfg
 from lora_tune.data.batching import BatchStream, collate
 from lora_tune.data.formats import parse_record
 from lora_tune.data.tokenize import IGNORE, encode_records
+from lora_tune.losses import supervised_loss_sum
 from lora_tune.models import attach_lora, load_model, prepare_for_training
-from lora_tune.train.loop import optimizer_step
-from lora_tune.train.loss import supervised_loss_sum
+from lora_tune.runtime import Precision
+from lora_tune.train.objectives import SFT
 from lora_tune.train.optim import build_optimizer
-from lora_tune.train.precision import Precision
+from lora_tune.train.step import StepParts, optimizer_step
 
 from conftest import chat
 
@@ -72,8 +73,8 @@ def test_a_step_changes_only_adapter_weights(tiny_model_dir):
     opt = build_optimizer(params, TrainCfg(lr=1e-2))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     stream = BatchStream(_examples(tok, 8), 4, seed=0, pad_id=tok.pad_token_id)
-    out = optimizer_step(pm, stream, 2, CPU32, scaler, opt, params, max_grad_norm=1.0)
-    assert out["tokens"] > 0 and out["loss"] > 0
+    out = optimizer_step(StepParts(pm, SFT(), opt, scaler, params, CPU32, 1.0), [stream.next() for _ in range(2)])
+    assert out.units > 0 and out.loss > 0
     changed = {n for n, p in pm.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed and all("lora_" in n for n in changed)
     assert len(changed) == len(params)  # every adapter weight moved

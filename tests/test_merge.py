@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lora_tune.config import LoraCfg, ModelCfg
 from lora_tune.merge import merge_adapter, merged_weight, nf4_roundtrip, read_adapter
 from lora_tune.models import attach_lora, load_adapter, load_model, prepare_for_training
+from lora_tune.runtime import Precision
 from lora_tune.train.loop import train
-from lora_tune.train.precision import Precision
 
 from conftest import tiny_config
 

@@ -12,7 +12,7 @@ from lora_tune.models import (
     prepare_for_training,
     resolve_source,
 )
-from lora_tune.train.precision import Precision, choose_precision
+from lora_tune.runtime import Precision, choose_precision
 
 CPU32 = Precision(torch.device("cpu"), torch.float32, "test")
 CPU16 = Precision(torch.device("cpu"), torch.bfloat16, "test")
@@ -137,7 +137,7 @@ def test_validation_does_not_break_qlora_gradients(tiny_model_dir):
     (On CPUs without AVX512-BF16 bitsandbytes never repacks, and this passes either way.)"""
     from lora_tune.data.batching import collate
     from lora_tune.data.tokenize import Example
-    from lora_tune.train.loss import evaluate_loss
+    from lora_tune.losses import evaluate_loss
 
     batch = collate([Example([1, 5, 9, 30, 44, 2], [1, 5, 9, 30, 44, 2])] * 2, pad_id=0)
     grads = []

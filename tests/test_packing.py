@@ -9,9 +9,9 @@ from lora_tune.config import ModelCfg
 from lora_tune.data.batching import BatchStream, collate, collate_packed, pack_rows
 from lora_tune.data.formats import parse_record
 from lora_tune.data.tokenize import IGNORE, encode_records
+from lora_tune.losses import real_tokens, supervised_loss_sum, token_losses
 from lora_tune.models import load_model
-from lora_tune.train.loss import real_tokens, supervised_loss_sum, token_losses
-from lora_tune.train.precision import Precision
+from lora_tune.runtime import Precision
 
 from conftest import chat
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lora_tune.config import RunCfg
-from lora_tune.data.tokenize import IGNORE
+from lora_tune.losses import IGNORE
 
 
 def _tensor_bytes(tensors) -> int:
@@ -46,9 +46,10 @@ def static_bytes(model, optimizer) -> int:
 def measure_step(cfg: RunCfg, device: str = "cpu") -> dict[str, float]:
     """Peak bytes of one optimizer step of `cfg` on batches of `max_length`-token samples, all supervised."""
     from lora_tune.models import attach_lora, load_model, prepare_for_training, resolve_source
-    from lora_tune.train.loop import optimizer_step
+    from lora_tune.runtime import choose_device, choose_precision
+    from lora_tune.train.objectives import SFT
     from lora_tune.train.optim import build_optimizer
-    from lora_tune.train.precision import choose_device, choose_precision
+    from lora_tune.train.step import StepParts, optimizer_step
 
     dev = choose_device(device)
     weight = cfg.model.quantization if cfg.model.quantization in ("bf16", "fp16") else None
@@ -66,17 +67,11 @@ def measure_step(cfg: RunCfg, device: str = "cpu") -> dict[str, float]:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     batch["labels"][:, 0] = IGNORE
 
-    class Once:
-        position = None
-
-        def next(self):
-            return batch
+    t = cfg.train
+    parts = StepParts(model, SFT(t.chunked_loss), optimizer, scaler, params, precision, t.max_grad_norm)
 
     def step():
-        t = cfg.train
-        optimizer_step(
-            model, Once(), 1, precision, scaler, optimizer, params, t.max_grad_norm, chunked_loss=t.chunked_loss
-        )
+        optimizer_step(parts, [batch])
 
     step()  # optimizer states exist from here on
     if dev.type == "cuda":

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lora_tune.chunked_ce import chunk_rows
 from lora_tune.config import RunCfg
 from lora_tune.errors import LoraTuneError
-from lora_tune.train.chunked_ce import chunk_rows
 
 GIB = 2**30
 WEIGHT_BYTES = {"nf4": None, "fp4": None, "int8": 1.0, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0}

@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from lora_tune.train.progress import peak_rss_mb
+from lora_tune.runtime import peak_rss_mb
 
 
 @dataclass
@@ -50,18 +50,17 @@ def _val_loss(model, tok, val_file: str, max_length: int, autocast) -> float:
     from lora_tune.data.batching import BatchStream
     from lora_tune.data.readers import load_records
     from lora_tune.data.tokenize import encode_records
-    from lora_tune.train.loss import evaluate_loss
+    from lora_tune.losses import evaluate_loss
 
     examples, _ = encode_records(tok, load_records(val_file), max_length)
-    loss, _ = evaluate_loss(model, BatchStream(examples, 8, 0, tok.pad_token_id, shuffle=False), autocast)
-    return loss
+    return evaluate_loss(model, BatchStream(examples, 8, 0, tok.pad_token_id, shuffle=False), autocast).loss
 
 
 def run_ours(spec: Spec, base_rss: float) -> dict:
     from rich.console import Console
 
     from lora_tune.config import load_config
-    from lora_tune.train.loop import train
+    from lora_tune.finetune import finetune
     from lora_tune.train.metrics import read_metrics
 
     out = tempfile.mkdtemp(prefix="bench-ours-")
@@ -88,7 +87,7 @@ def run_ours(spec: Spec, base_rss: float) -> dict:
         **spec.extra,
     }
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
-    train(cfg, console=Console(quiet=True))
+    finetune(cfg, console=Console(quiet=True))
     rows = [r for r in read_metrics(f"{out}/metrics.jsonl") if r.get("split", "train") == "train"]
     timed = rows[spec.warmup_steps :]
     seconds = timed[-1]["time"] - rows[spec.warmup_steps - 1]["time"]

@@ -68,7 +68,7 @@ class DataReport:
 def tokenize_cached(
     tok, records: list[Record], cfg: DataCfg, template: str | None, use_cache: bool, tok_fp: str
 ) -> tuple[list[Example], TokenizeStats, bool]:
-    from lora_tune.models import cache_dir
+    from lora_tune.runtime import cache_dir
 
     settings = {"max_length": cfg.max_length, "truncation": cfg.truncation, "loss_on": cfg.loss_on}
     fp = cache.fingerprint(records, tok_fp, template, settings) if use_cache else ""

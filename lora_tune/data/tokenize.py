@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from lora_tune.data.formats import Record
 from lora_tune.data.templates import end_markers
 from lora_tune.errors import LoraTuneError
+from lora_tune.losses import IGNORE
 
-IGNORE = -100
 LOSS_ON = ("assistant", "completion", "all")
 TRUNCATION = ("truncate", "keep_end", "drop")
 

@@ -12,7 +12,8 @@ import torch
 from lora_tune.data.batching import collate
 from lora_tune.data.formats import Record
 from lora_tune.data.tokenize import Example, encode_messages, encode_prompt_completion
-from lora_tune.train.loss import token_losses
+from lora_tune.losses import token_losses
+from lora_tune.runtime import evaluating
 
 
 def candidate(tok, rec: Record, label: str, template: str | None = None) -> Example:
@@ -42,8 +43,6 @@ def predict_labels(
     model, tok, records: list[Record], labels: list[str], autocast, template: str | None = None, batch_size: int = 16
 ) -> tuple[list[str], list[list[float]]]:
     """The most likely label for each record, and every label's log-probability."""
-    from lora_tune.models import evaluating
-
     cands = [candidate(tok, rec, lab, template) for rec in records for lab in labels]
     with evaluating(model):
         scores = sequence_logprobs(model, cands, tok.pad_token_id, autocast, batch_size)

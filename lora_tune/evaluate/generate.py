@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from lora_tune.data.templates import end_markers
+from lora_tune.runtime import evaluating
 
 
 @dataclass
@@ -44,8 +45,6 @@ def prompt_text(tok, messages: list[dict]) -> str:
 @torch.no_grad()
 def generate_texts(model, tok, prompts: list[str], sampling: Sampling, batch_size: int = 8) -> tuple[list[str], float]:
     """Complete already-rendered prompts in left-padded batches; returns (texts, new tokens per second)."""
-    from lora_tune.models import evaluating
-
     device = next(model.parameters()).device
     side = tok.padding_side
     tok.padding_side = "left"  # new tokens must follow each prompt directly

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from lora_tune.data.batching import BatchStream
 from lora_tune.data.tokenize import Example
-from lora_tune.train.loss import evaluate_loss
+from lora_tune.losses import evaluate_loss
+from lora_tune.runtime import evaluating
 
 
 @dataclass
@@ -26,8 +27,8 @@ class Perplexity:
 def supervised_perplexity(model, examples: list[Example], pad_id: int, batch_size: int, autocast) -> Perplexity:
     """Perplexity over the supervised tokens only (the responses, with their end-of-turn tokens)."""
     stream = BatchStream(examples, batch_size, seed=0, pad_id=pad_id, shuffle=False)
-    loss, n = evaluate_loss(model, stream, autocast)
-    return Perplexity(loss, n)
+    totals = evaluate_loss(model, stream, autocast)
+    return Perplexity(totals.loss, totals.tokens)
 
 
 @torch.no_grad()
@@ -61,8 +62,6 @@ def strided_nll(model, ids: list[int], window: int, stride: int, autocast) -> tu
 
 def strided_perplexity(model, docs: list[list[int]], window: int, stride: int, autocast) -> Perplexity:
     """Token-weighted perplexity over several documents, each scored with `strided_nll`."""
-    from lora_tune.models import evaluating
-
     total, count = 0.0, 0
     with evaluating(model):
         for ids in docs:

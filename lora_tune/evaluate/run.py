@@ -22,7 +22,7 @@ from lora_tune.evaluate.classify import predict_labels
 from lora_tune.evaluate.generate import Sampling, generate_texts, prompt_text
 from lora_tune.evaluate.metrics import classification_report, exact_match, rouge_l, token_f1
 from lora_tune.evaluate.perplexity import strided_perplexity, supervised_perplexity
-from lora_tune.train.precision import Precision, choose_device, choose_precision
+from lora_tune.runtime import Precision, choose_device, choose_precision
 
 METRICS = ("perplexity", "f1", "exact_match", "rouge_l", "accuracy", "macro_f1")
 GENERATIVE = {"f1": token_f1, "exact_match": exact_match, "rouge_l": rouge_l}

@@ -103,10 +103,10 @@ def run_recipe(
 
 
 def _run(recipe, data_dir, overrides, smoke, merge, output_dir, resume, overwrite, console, t0) -> RecipeResult:
-    from lora_tune.train.loop import train
+    from lora_tune.finetune import finetune
 
     cfg = recipe_config(recipe, data_dir, output_dir, smoke, overrides)
-    result = train(cfg, resume=resume, overwrite=overwrite, console=console)
+    result = finetune(cfg, resume=resume, overwrite=overwrite, console=console)
     console.rule(f"[bold]{recipe.name}: base vs tuned on held-out data")
     settings = eval_settings(recipe, data_dir, smoke)
     spec = ModelSpec(cfg.model.source, str(result.adapter_dir), cfg.model.quantization)

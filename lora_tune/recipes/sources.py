@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_tune.errors import LoraTuneError
-from lora_tune.models import cache_dir
+from lora_tune.runtime import cache_dir
 
 
 @dataclass(frozen=True)

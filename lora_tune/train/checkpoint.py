@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from lora_tune.atomic import replace_dir
+from lora_tune.train.state import TrainState
 
 PREFIX = "step-"
 
@@ -64,25 +65,24 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(
     run_dir: Path,
-    step: int,
+    state: TrainState,
     model,
     optimizer: torch.optim.Optimizer,
     scheduler,
     scaler: torch.amp.GradScaler,
-    state: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Write `checkpoints/step-N/` atomically, then delete all but the newest `keep_last`."""
+    """Write `checkpoints/step-N/` (N = `state.step`) atomically, then delete all but the newest `keep_last`."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step:06d}"
+    final = root / f"{PREFIX}{state.step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(scaler.state_dict(), tmp / "scaler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    (tmp / "state.json").write_text(json.dumps(state.to_dict(), indent=2))
     _fsync_dir(tmp)
     replace_dir(tmp, final)  # re-saving a step (the final save right after a periodic one) replaces it
     for old in list_checkpoints(run_dir)[:-keep_last]:
@@ -90,8 +90,13 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> dict[str, Any]:
-    """Restore adapter weights, optimizer, scheduler, scaler and RNG; return the saved state dict."""
+def read_state(path: Path) -> TrainState:
+    """The `TrainState` saved in checkpoint folder `path` (no tensors are read)."""
+    return TrainState.from_dict(json.loads((Path(path) / "state.json").read_text()))
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> TrainState:
+    """Restore adapter weights, optimizer, scheduler, scaler and RNG; return the saved state."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -104,4 +109,4 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> dict[str
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return json.loads((path / "state.json").read_text())
+    return read_state(path)

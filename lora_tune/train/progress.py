@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import resource
-
-import torch
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -14,18 +11,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident memory so far, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory so far: CUDA allocated bytes on a GPU, the process's peak RSS on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return peak_rss_mb()
 
 
 class StepProgress:

@@ -1,19 +1,26 @@
-"""Causal-LM loss over supervised tokens only.
+"""Per-token losses shared by training and evaluation: causal-LM loss over supervised tokens only.
 
 The usual path computes logits for every position (batch x length x vocab, then an fp32 copy) and
 throws most away when the loss is on responses only. We run the decoder, pick the hidden states of
 the supervised positions, and apply the LM head to those alone: same loss, a fraction of the logits.
 With `chunked` (the default) the head and cross-entropy then run a chunk of rows at a time
-(`chunked_ce`), so even those logits are never all alive at once.
+(`chunked_ce`), so even those logits are never all alive at once. Both paths also say which supervised
+tokens the model's arg-max prediction gets right (token accuracy).
+
+Training (`train/`) and evaluation (`evaluate/`) both import this module, and it imports neither.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from lora_tune.data.tokenize import IGNORE
-from lora_tune.train.chunked_ce import linear_cross_entropy
+from lora_tune.chunked_ce import linear_cross_entropy_with_accuracy
+from lora_tune.runtime import evaluating
+
+IGNORE = -100  # the label of a position that is not supervised (the value torch and HF use)
 
 
 def _base(model):
@@ -60,8 +67,17 @@ def _frozen_plain_linear(head) -> bool:
     return type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
 
 
-def token_losses(model, batch: dict[str, torch.Tensor], chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy of each supervised position, boolean map of those positions over labels[:, 1:])."""
+@dataclass
+class TokenLosses:
+    """Per supervised position: cross-entropy (fp32) and whether the arg-max prediction is the label."""
+
+    losses: torch.Tensor  # [N] fp32, differentiable
+    correct: torch.Tensor  # [N] bool
+    keep: torch.Tensor  # boolean map of the N supervised positions over labels[:, 1:]
+
+
+def token_losses_and_accuracy(model, batch: dict[str, torch.Tensor], chunked: bool = True) -> TokenLosses:
+    """Cross-entropy and arg-max hits of every supervised position of a padded or packed batch."""
     device = next(p for p in model.parameters()).device
     inputs = model_inputs(batch, device)
     target = batch["labels"][:, 1:].to(device)
@@ -72,11 +88,19 @@ def token_losses(model, batch: dict[str, torch.Tensor], chunked: bool = True) ->
         selected = hidden.last_hidden_state[:, :-1][keep]
         head = base.get_output_embeddings()
         if chunked and _frozen_plain_linear(head):
-            return linear_cross_entropy(selected, head.weight, target[keep]), keep
+            return TokenLosses(*linear_cross_entropy_with_accuracy(selected, head.weight, target[keep]), keep)
         logits = head(selected)
     else:
         logits = model(**inputs).logits[:, :-1][keep]
-    return F.cross_entropy(logits.float(), target[keep], reduction="none"), keep
+    logits = logits.float()
+    losses = F.cross_entropy(logits, target[keep], reduction="none")
+    return TokenLosses(losses, logits.detach().argmax(dim=-1) == target[keep], keep)
+
+
+def token_losses(model, batch: dict[str, torch.Tensor], chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy of each supervised position, boolean map of those positions over labels[:, 1:])."""
+    out = token_losses_and_accuracy(model, batch, chunked)
+    return out.losses, out.keep
 
 
 def supervised_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool = True) -> tuple[torch.Tensor, int]:
@@ -85,16 +109,26 @@ def supervised_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool = T
     return losses.sum(), int(keep.sum())
 
 
-@torch.no_grad()
-def evaluate_loss(model, batches, autocast) -> tuple[float, int]:
-    """Token-weighted mean loss over an iterable of batches; returns (loss, tokens)."""
-    from lora_tune.models import evaluating
+@dataclass(frozen=True)
+class LossTotals:
+    """A token-weighted mean loss and token accuracy over some batches."""
 
-    total, count = 0.0, 0
+    loss: float
+    tokens: int
+    token_accuracy: float
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches, autocast) -> LossTotals:
+    """Token-weighted mean loss and token accuracy over an iterable of batches."""
+    total, count, correct = 0.0, 0, 0
     with evaluating(model):
         for batch in batches:
             with autocast():
-                loss, n = supervised_loss_sum(model, batch)
-            total += float(loss)
-            count += n
-    return (total / count if count else float("nan")), count
+                out = token_losses_and_accuracy(model, batch)
+            total += float(out.losses.sum())
+            count += len(out.losses)
+            correct += int(out.correct.sum())
+    if not count:
+        return LossTotals(float("nan"), 0, float("nan"))
+    return LossTotals(total / count, count, correct / count)

@@ -1,0 +1,164 @@
+"""Where and how tensors compute: device, precision, the dtype table, memory readings, cache paths.
+
+The bottom layer of the package: models, data, training, evaluation, merging and benchmarks all use it,
+and it imports none of them.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_tune.errors import LoraTuneError
+
+# The one table from our dtype names (config values, precision names) to torch dtypes.
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` -> "bf16" (the inverse of `DTYPES`)."""
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def cache_dir() -> Path:
+    """Where converted builtin models, tokenized data and pinned sources are kept ($LORA_TUNE_CACHE)."""
+    return Path(os.environ.get("LORA_TUNE_CACHE", Path.home() / ".cache" / "lora_tune"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device and precision
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes: device, autocast dtype, whether fp16 loss scaling is on, and why."""
+
+    device: torch.device
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def use_scaler(self) -> bool:
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none.
+        return self.dtype is torch.float16
+
+    @property
+    def name(self) -> str:
+        return dtype_name(self.dtype)
+
+    def autocast(self) -> AbstractContextManager:
+        if self.dtype is torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def choose_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA when present, else the CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LoraTuneError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
+    return torch.device(name)
+
+
+def cpu_bf16_speedup(size: int = 512, reps: int = 5) -> float:
+    """Measured fp32-time / bf16-time of a matmul on this CPU (>1 means bf16 is faster)."""
+    a = torch.randn(size, size)
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = a.to(dtype)
+        x @ x  # warm-up: first call pays for kernel selection
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            x @ x
+        times[dtype] = time.perf_counter() - t0
+    return times[torch.float32] / times[torch.bfloat16]
+
+
+def choose_precision(
+    requested: str, device: torch.device, weight_dtype: str | None = None, saved: str | None = None
+) -> Precision:
+    """Pick the compute dtype.
+
+    `weight_dtype` is the dtype of unquantized base weights (bf16/fp16), which fixes the compute dtype.
+    `saved` is the precision a resumed run chose when it started: `auto` keeps it, so a resume never
+    changes precision. GPU: bf16 where supported, else fp16 with a GradScaler. CPU: bf16 autocast or
+    fp32, whichever a quick matmul measurement says is faster on this machine.
+    """
+    if weight_dtype in ("bf16", "fp16"):
+        if requested not in ("auto", weight_dtype):
+            raise LoraTuneError(
+                f"train.precision={requested} does not match model.quantization={weight_dtype}; "
+                f"use train.precision=auto or {weight_dtype}"
+            )
+        requested = weight_dtype
+    if device.type == "cpu" and requested == "fp16":
+        raise LoraTuneError("fp16 training is not supported on the CPU; use bf16 or fp32 (train.precision=auto)")
+    if requested == "auto" and saved in DTYPES:
+        return Precision(device, DTYPES[saved], f"{saved} (chosen when the run started; kept on resume)")
+    if requested != "auto":
+        dtype = DTYPES[requested]
+        if device.type == "cuda" and dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise LoraTuneError("this GPU has no bf16 support; use train.precision=fp16 (or auto)")
+        why = "set by model.quantization" if weight_dtype == requested else "set by train.precision"
+        return Precision(device, dtype, f"{requested} ({why})")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Precision(device, torch.bfloat16, "bf16 autocast: this GPU supports bf16")
+        return Precision(device, torch.float16, "fp16 autocast + GradScaler: this GPU has no bf16")
+    speedup = cpu_bf16_speedup()
+    if speedup > 1.1:
+        return Precision(device, torch.bfloat16, f"bf16 autocast: measured {speedup:.1f}x faster than fp32 here")
+    return Precision(device, torch.float32, f"fp32: bf16 measured only {speedup:.2f}x fp32's speed on this CPU")
+
+
+@contextmanager
+def evaluating(model):
+    """`model.eval()` for the duration, then back to the mode it was in.
+
+    While training is under way, bitsandbytes 4-bit layers are kept in training mode: on CPUs with
+    AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight into an inference-only layout the first
+    time the layer runs in eval mode without gradients, and never unpacks it; the matmul used from
+    then on has no backward, so training after a validation pass would silently lose every gradient
+    that flows through the quantized layers. The 4-bit layers have no dropout or other train/eval
+    difference of their own, so keeping them in training mode changes no result.
+    """
+    was_training = model.training
+    model.eval()
+    if was_training:
+        for layer in _bnb_4bit_layers(model):
+            layer.train()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _bnb_4bit_layers(model) -> list:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocated bytes on a GPU, the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mb()

@@ -1,0 +1,239 @@
+"""The loop's hooks: the metrics log, the progress bar, evaluation, early stopping and checkpointing.
+
+A hook is a plain object with up to four methods, called by the loop in the order of the list that
+`train()` builds (no registry, no flags that other hooks flip):
+- `on_start(run)`: before the first step (after a resume, before the first new step);
+- `on_log(run, record)`: for every record logged, a training step's or an evaluation's;
+- `on_step_end(run, out)`: after each optimizer step, once its record is logged;
+- `on_end(run)`: after the last step.
+Records are the lines of `metrics.jsonl`. `run.log(record)` hands one to every hook; `run.stop(reason)`
+ends the loop after the current step (early stopping is its only caller).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from lora_tune.data.batching import BatchStream
+from lora_tune.runtime import evaluating, peak_memory_mb
+from lora_tune.train.checkpoint import save_checkpoint
+from lora_tune.train.metrics import MetricsLog
+from lora_tune.train.progress import StepProgress
+from lora_tune.train.run import Run
+from lora_tune.train.step import StepOut, pieces
+
+Record = dict[str, Any]
+
+
+class Hook:
+    """Does nothing at every point; subclasses override what they need."""
+
+    def on_start(self, run: Run) -> None:
+        pass
+
+    def on_log(self, run: Run, record: Record) -> None:
+        pass
+
+    def on_step_end(self, run: Run, out: StepOut) -> None:
+        pass
+
+    def on_end(self, run: Run) -> None:
+        pass
+
+
+def is_val(record: Record) -> bool:
+    return record.get("split") == "val"
+
+
+class MetricsFile(Hook):
+    """Appends every record to `metrics.jsonl`."""
+
+    def __init__(self, log: MetricsLog):
+        self.log = log
+
+    def on_log(self, run: Run, record: Record) -> None:
+        self.log.write(record)
+
+
+class Progress(Hook):
+    """A live bar on a terminal (plain lines every `log_every` steps elsewhere) and evaluation lines."""
+
+    def __init__(self, log_every: int, metric: str):
+        self.log_every, self.metric = log_every, metric
+        self.bar: StepProgress | None = None
+
+    def on_start(self, run: Run) -> None:
+        self.bar = StepProgress(run.console, run.total_steps, run.state.step, self.log_every).__enter__()
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def on_log(self, run: Run, record: Record) -> None:
+        if is_val(record):
+            run.note(self._val_line(run, record))
+            return
+        self.tokens += record["real_tokens"]
+        info = f"loss {record['loss']:.4f}"
+        if "token_accuracy" in record:
+            info += f"  acc {record['token_accuracy']:.3f}"
+        rate = self.tokens / (time.perf_counter() - self.t0)
+        info += f"  lr {record['lr']:.2e}  {rate:,.0f} tok/s  mem {record['memory_mb']:,.0f} MB"
+        self.bar.update(record["step"], run.total_steps, info)
+
+    def _val_line(self, run: Run, record: Record) -> str:
+        more = f", {self.metric} {record[self.metric]:.4f}" if self.metric in record else ""
+        if record["step"] == 0:
+            return f"validation loss before training: {record['loss']:.4f} (ppl {record['ppl']:.2f}){more}"
+        if record["step"] == run.total_steps:
+            return f"validation loss after training: {record['loss']:.4f} (ppl {record['ppl']:.2f}){more}"
+        return f"step {record['step']}: validation loss {record['loss']:.4f}{more}"
+
+    def on_end(self, run: Run) -> None:
+        self.bar.__exit__(None, None, None)
+
+
+TaskMetric = Callable[[torch.nn.Module], float]  # the model -> the task metric on validation records
+
+
+class Evaluation(Hook):
+    """Validation loss (and the objective's figures, and the task metric) before, during and after training.
+
+    Before training only on a fresh start; every `every` steps before the last; after the last step
+    unless training stopped early. Each evaluation is logged as one `split: val` record.
+    """
+
+    def __init__(self, stream: BatchStream, every: int, task_metric: TaskMetric | None = None, metric: str = ""):
+        self.stream, self.every = stream, every
+        self.task_metric, self.metric = task_metric, metric
+
+    def on_start(self, run: Run) -> None:
+        if run.state.step == 0:
+            self.evaluate(run)
+
+    def on_step_end(self, run: Run, out: StepOut) -> None:
+        step = run.state.step
+        if self.every and step % self.every == 0 and step < run.total_steps:
+            self.evaluate(run)
+
+    def on_end(self, run: Run) -> None:
+        if run.stop_reason is None:
+            self.evaluate(run)
+
+    def evaluate(self, run: Run) -> None:
+        if not len(self.stream):
+            return
+        loss, units, figures = objective_totals(run, self.stream)
+        record = {"split": "val", "step": run.state.step, "loss": loss, "ppl": math.exp(min(loss, 50))}
+        record |= {"tokens": units, **run.parts.objective.report(figures, units)}
+        if self.task_metric is not None:
+            record[self.metric] = self.task_metric(run.parts.model)
+            run.parts.model.train()
+        run.log(record)
+
+
+@torch.no_grad()
+def objective_totals(run: Run, batches) -> tuple[float, int, dict[str, float]]:
+    """The objective's mean loss per unit, its units and its figure sums over `batches`, in eval mode.
+
+    On an out-of-memory error a batch is redone in twice as many pieces (and so are the batches after it).
+    """
+    parts = run.parts
+    total, units, figures, split = 0.0, 0, {}, 1
+    with evaluating(parts.model):
+        for batch in batches:
+            while True:
+                try:
+                    outs = [_piece_loss(parts, piece) for piece in pieces(batch, split)]
+                    break
+                except torch.OutOfMemoryError:
+                    if split >= batch["input_ids"].shape[0]:
+                        raise
+                    split *= 2
+                run.note(f"out of memory in evaluation: batches now run as {split} pieces")
+                if parts.precision.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            for out in outs:
+                total += float(out.loss)
+                for k, v in out.figures.items():
+                    figures[k] = figures.get(k, 0.0) + float(v)
+            units += parts.objective.units(batch)
+    return (total / units if units else float("nan")), units, figures
+
+
+def _piece_loss(parts, piece):
+    with parts.precision.autocast():
+        return parts.objective.loss_sum(parts.model, piece)
+
+
+class EarlyStopping(Hook):
+    """Keeps the best evaluation score and a patience count in the state; stops after `patience` bad ones.
+
+    The score is minus the validation loss, or the task metric (`on="metric"`); higher is better, and an
+    improvement must beat the best by more than `min_delta`. The evaluations before and after training
+    do not count. With `patience` 0 the best score is still kept, but training never stops early.
+    """
+
+    def __init__(self, patience: int, min_delta: float, on: str = "loss", metric: str = ""):
+        self.patience, self.min_delta, self.on, self.metric = patience, min_delta, on, metric
+
+    def on_log(self, run: Run, record: Record) -> None:
+        if not is_val(record) or not 0 < record["step"] < run.total_steps:
+            return
+        score = record[self.metric] if self.on == "metric" else -record["loss"]
+        state = run.state
+        if state.best_score is None or score > state.best_score + self.min_delta:
+            state.best_score, state.bad_evals = score, 0
+            return
+        state.bad_evals += 1
+        if self.patience and state.bad_evals >= self.patience:
+            run.stop(f"early stopping: no improvement in {self.patience} evaluations")
+
+
+class Checkpointing(Hook):
+    """Saves a checkpoint every `every` steps, at the last step, when stopping early, and right after a step
+    that recovered from an out-of-memory error; keeps the newest `keep_last`."""
+
+    def __init__(self, every: int, keep_last: int):
+        self.every, self.keep_last = every, keep_last
+        self.last_saved = -1
+
+    def on_start(self, run: Run) -> None:
+        self.last_saved = run.state.step if run.resumed_from is not None else -1
+
+    def on_step_end(self, run: Run, out: StepOut) -> None:
+        step = run.state.step
+        if out.recovered:
+            run.note(f"step {step}: checkpoint after the out-of-memory recovery (micro-batches now in {out.split})")
+        due = self.every and step % self.every == 0
+        if due or step == run.total_steps or run.stop_reason is not None or out.recovered:
+            self.save(run)
+
+    def on_end(self, run: Run) -> None:
+        if self.last_saved != run.state.step:
+            self.save(run)
+
+    def save(self, run: Run) -> None:
+        p = run.parts
+        save_checkpoint(run.run_dir, run.state, p.model, p.optimizer, run.scheduler, p.scaler, self.keep_last)
+        self.last_saved = run.state.step
+
+
+def train_record(run: Run, out: StepOut, lr: float, seconds: float) -> Record:
+    """The metrics.jsonl line of one optimizer step."""
+    return {
+        "step": run.state.step,
+        "loss": out.loss,
+        **out.figures,
+        "lr": lr,
+        "tokens": out.units,
+        "real_tokens": out.real_tokens,
+        "padded_tokens": out.padded_tokens,
+        "grad_norm": out.grad_norm,
+        "epoch": run.stream.position.epoch,
+        "time": round(time.perf_counter() - run.t_start, 3),
+        "tokens_per_s": round(out.real_tokens / seconds, 1) if seconds > 0 else None,
+        "memory_mb": round(peak_memory_mb(run.parts.precision.device), 1),
+    }

@@ -1,0 +1,184 @@
+"""Building a `Run`: check the run folder, read the data, load the model, attach LoRA, restore a checkpoint.
+
+Data is read and validated before the model loads, so bad input fails in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from lora_tune import config as C
+from lora_tune.atomic import atomic_write_text, replace_dir
+from lora_tune.data.batching import BatchStream
+from lora_tune.data.splits import prepare as prepare_data
+from lora_tune.data.splits import read_splits
+from lora_tune.data.templates import resolve_chat_template
+from lora_tune.data.tokenize import TokenizeStats
+from lora_tune.errors import LoraTuneError
+from lora_tune.models import attach_lora, count_parameters, load_model, prepare_for_training, resolve_source
+from lora_tune.runtime import choose_device, choose_precision
+from lora_tune.train.checkpoint import latest_checkpoint, load_checkpoint, read_state
+from lora_tune.train.metrics import MetricsLog
+from lora_tune.train.objectives import SFT
+from lora_tune.train.optim import build_optimizer, build_scheduler
+from lora_tune.train.run import Run
+from lora_tune.train.state import TrainState
+from lora_tune.train.step import StepParts
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_run_dir(cfg: C.RunCfg, resume: bool, overwrite: bool) -> Path | None:
+    """Return the checkpoint to resume from (or None); refuse to clobber an existing run."""
+    run_dir = Path(cfg.output_dir)
+    if overwrite and not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if not resume:
+        if ckpt is not None or (run_dir / "adapter").exists():
+            raise LoraTuneError(
+                f"{run_dir} already holds a run; continue it with --resume, start over with --overwrite, "
+                "or set output_dir to a new folder"
+            )
+        return None
+    if ckpt is None:
+        return None
+    saved_path = run_dir / "config.yaml"
+    if saved_path.is_file():
+        saved = C.resume_relevant(C.load_config(saved_path))
+        now = C.resume_relevant(cfg)
+        changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        if changed:
+            lines = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+            raise LoraTuneError(
+                f"refusing to resume {run_dir}: these settings changed since it started: {lines}. "
+                "Put them back, or start a new run in another output_dir"
+            )
+    return ckpt
+
+
+def describe_data(console: Console, name: str, stats: TokenizeStats, examples) -> None:
+    tokens = sum(len(e.input_ids) for e in examples)
+    sup = sum(e.n_supervised for e in examples)
+    extra = []
+    if stats.truncated:
+        extra.append(f"{stats.truncated} truncated")
+    if stats.chunked:
+        extra.append(f"{stats.chunked} long text(s) split into chunks")
+    if stats.dropped_too_long:
+        extra.append(f"{stats.dropped_too_long} dropped as too long")
+    if stats.dropped_no_supervised:
+        extra.append(f"{stats.dropped_no_supervised} dropped with no supervised token left")
+    more = f" ({', '.join(extra)})" if extra else ""
+    console.print(f"{name}: {stats.kept} samples from {stats.records} records, {tokens} tokens, {sup} supervised{more}")
+    if stats.dropped_where:
+        console.print(
+            f"  dropped: {', '.join(stats.dropped_where[:5])}{' ...' if len(stats.dropped_where) > 5 else ''}"
+        )
+
+
+def setup_run(cfg: C.RunCfg, resume: bool, overwrite: bool, console: Console) -> Run:
+    """Everything the loop needs, restored from the latest checkpoint when resuming one."""
+    ckpt = check_run_dir(cfg, resume, overwrite)
+    saved = read_state(ckpt) if ckpt is not None else None
+    tc = cfg.train
+    train_records, val_records = read_splits(cfg.data, tc.seed)
+    device = choose_device(tc.device)
+    weight_dtype = cfg.model.quantization if cfg.model.quantization in ("bf16", "fp16") else None
+    precision = choose_precision(tc.precision, device, weight_dtype, saved.precision if saved else None)
+    console.print(f"device: {device}, precision: {precision.reason}")
+
+    set_seed(tc.seed)
+    model, tok = load_model(cfg.model, precision, resolve_source(cfg.model.source, log=console.print))
+    template = resolve_chat_template(tok, cfg.data.chat_template)
+    if template is not None:
+        tok.chat_template = template  # saved with the adapter so generation uses the training template
+    train_ex, val_ex, report = prepare_data(cfg.data, tok, template, tc.seed, train_records, val_records)
+    describe_data(console, "train", report.train, train_ex)
+    if not train_ex:
+        raise LoraTuneError("no training sample has a supervised token left; raise data.max_length")
+    if val_ex:
+        val_ex = val_ex[: cfg.eval.max_samples] if cfg.eval.max_samples else val_ex
+        describe_data(console, "validation", report.val, val_ex)
+    for line in report.lines():
+        console.print(line, highlight=False)
+
+    model = _adapt(model, cfg, console)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, tc)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+    parts = StepParts(model, SFT(chunked=tc.chunked_loss), optimizer, scaler, params, precision, tc.max_grad_norm)
+    strategy = "pack" if cfg.data.packing else "group_by_length" if cfg.data.group_by_length else "pad"
+    stream = BatchStream(
+        train_ex, tc.micro_batch_size, tc.seed, tok.pad_token_id, strategy=strategy, max_length=cfg.data.max_length
+    )
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * len(stream) / tc.grad_accum))
+    # evaluating in batches no larger than training's keeps evaluation within the memory training needs
+    val_stream = BatchStream(
+        val_ex, cfg.eval.batch_size or tc.micro_batch_size, tc.seed, tok.pad_token_id, shuffle=False
+    )
+    run = Run(cfg, console, parts, build_scheduler(optimizer, tc, total_steps), stream, val_stream, tok,
+              report.val_records, TrainState(), total_steps)  # fmt: skip
+    _start_or_restore(run, ckpt)
+    return run
+
+
+def _adapt(model, cfg: C.RunCfg, console: Console):
+    """Freeze the base, attach LoRA, and say how many parameters train."""
+    prepare_for_training(model, cfg.train.gradient_checkpointing)
+    model = attach_lora(model, cfg.lora)
+    model.train()  # explicitly, before the first validation pass (see runtime.evaluating)
+    trainable, total = count_parameters(model)
+    console.print(
+        f"LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
+    )
+    return model
+
+
+def _start_or_restore(run: Run, ckpt: Path | None) -> None:
+    """A fresh run writes its config and an empty log; a resumed one loads its checkpoint and trims its log."""
+    log = MetricsLog(run.run_dir / "metrics.jsonl")
+    if ckpt is None:
+        run.state = TrainState(
+            precision=run.parts.precision.name, threads=torch.get_num_threads(), config_hash=C.config_hash(run.cfg)
+        )
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.run_dir / "config.yaml", C.dump_yaml(run.cfg))
+        if log.path.exists():
+            log.path.unlink()
+        return
+    p = run.parts
+    run.state = load_checkpoint(ckpt, p.model, p.optimizer, run.scheduler, p.scaler)
+    run.resumed_from = run.state.step
+    run.stream.position = dataclasses.replace(run.state.position)  # a copy: the stream advances its own
+    log.truncate_after(run.state.step)
+    if run.state.threads != torch.get_num_threads():
+        run.note(
+            f"[yellow]note: {torch.get_num_threads()} threads now, {run.state.threads} before; "
+            "losses may differ from an uninterrupted run in the last digits[/]"
+        )
+    run.note(f"resumed from {ckpt} (step {run.state.step})")
+
+
+def save_adapter(model, tok, out: Path, meta: dict) -> Path:
+    """Write the final adapter folder atomically: weights, config, tokenizer (with its chat template)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "lora_tune.json").write_text(json.dumps(meta, indent=2))
+    return replace_dir(tmp, out)

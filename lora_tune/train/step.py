@@ -1,0 +1,110 @@
+"""One optimizer step: accumulate micro-batches, normalise by the step's units, clip, step, zero.
+
+Each micro-batch's summed loss is divided by the units of the whole step (supervised tokens for SFT),
+so k micro-batches give the gradients of one k-times-larger batch whatever their padding or lengths.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lora_tune.losses import real_tokens
+from lora_tune.runtime import Precision
+from lora_tune.train.objectives import Batch, Objective
+
+
+@dataclass
+class StepParts:
+    """What an optimizer step works with."""
+
+    model: torch.nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    params: list[torch.nn.Parameter]  # the trainable ones (clipped together)
+    precision: Precision
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class StepOut:
+    """What one optimizer step did."""
+
+    loss: float  # mean loss per unit
+    units: int  # the normaliser: supervised tokens for SFT
+    real_tokens: int  # non-padding tokens fed to the model
+    padded_tokens: int  # every token the model computed on
+    grad_norm: float  # before clipping (nan when clipping is off)
+    split: int  # pieces each micro-batch ran as (more than asked after an out-of-memory error)
+    recovered: bool  # this step hit an out-of-memory error and was redone in smaller pieces
+    figures: dict[str, float] = field(default_factory=dict)  # the objective's report, e.g. token_accuracy
+
+
+def optimizer_step(parts: StepParts, micro: list[Batch], split: int = 1, log: Callable[[str], None] = print) -> StepOut:
+    """One optimizer step over the micro-batches `micro`, each run as `split` smaller pieces.
+
+    Since the loss is a sum divided by the step's units, the pieces give the same gradients. On an
+    out-of-memory error the step is redone with twice the pieces (no data is skipped), and the new
+    `split` is returned for the steps that follow.
+    """
+    units = sum(parts.objective.units(b) for b in micro)
+    asked = split
+    while True:
+        try:
+            loss_total, figures = _accumulate(parts, micro, split, units)
+            break
+        except torch.OutOfMemoryError:
+            rows = micro[0]["input_ids"].shape[0]
+            parts.optimizer.zero_grad(set_to_none=True)
+            if split >= rows:
+                raise
+            split *= 2
+            log(
+                f"out of memory: running each micro-batch of {rows} as {split} pieces of "
+                f"{math.ceil(rows / split)} (same effective batch and gradients), and continuing"
+            )
+        if parts.precision.device.type == "cuda":
+            torch.cuda.empty_cache()  # here, not inside `except`: the exception holds the failed step's tensors
+    grad_norm = float("nan")
+    if parts.max_grad_norm > 0:
+        parts.scaler.unscale_(parts.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(parts.params, parts.max_grad_norm))
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.optimizer.zero_grad(set_to_none=True)
+    return StepOut(
+        loss=float(loss_total) / units,
+        units=units,
+        real_tokens=sum(real_tokens(b) for b in micro),
+        padded_tokens=sum(b["input_ids"].numel() for b in micro),
+        grad_norm=grad_norm,
+        split=split,
+        recovered=split != asked,
+        figures=parts.objective.report({k: float(v) for k, v in figures.items()}, units),
+    )
+
+
+def _accumulate(parts: StepParts, micro: list[Batch], split: int, units: int):
+    """Forward and backward over every piece; returns the detached loss total and figure sums."""
+    loss_total = torch.zeros((), device=parts.precision.device)
+    figures: dict[str, torch.Tensor] = {}
+    for batch in micro:
+        for piece in pieces(batch, split):
+            with parts.precision.autocast():
+                out = parts.objective.loss_sum(parts.model, piece)
+            parts.scaler.scale(out.loss / units).backward()
+            loss_total += out.loss.detach()
+            for k, v in out.figures.items():
+                figures[k] = figures.get(k, 0) + v
+    return loss_total, figures
+
+
+def pieces(batch: Batch, split: int) -> list[Batch]:
+    """`batch` as `split` row slices (fewer when it has fewer rows); `split` 1 gives the batch itself."""
+    rows = batch["input_ids"].shape[0]
+    size = math.ceil(rows / split)
+    return [{k: v[lo : lo + size] for k, v in batch.items()} for lo in range(0, rows, size)]
