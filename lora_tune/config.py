@@ -213,7 +213,7 @@ def _coerce(key: str, value: Any, hint: Any, problems: list[str]) -> Any:
             problems.append(f"`{key}`: expected a mapping of names to names, got {value!r}")
         return value
     if origin is list:
-        if isinstance(value, str) and args and args[0] is str:
+        if isinstance(value, str) and args and (args[0] is str or typing.get_origin(args[0]) is Literal):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             problems.append(f"`{key}`: expected a list, got {value!r}")

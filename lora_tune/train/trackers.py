@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -247,7 +248,7 @@ class WandB:
         import wandb
 
         saved = _saved_ids(run).get(self.name) if resuming else None
-        self.id = saved["id"] if saved else wandb.util.generate_id()
+        self.id = saved["id"] if saved else secrets.token_hex(4)
         self.mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
         self.wandb_dir = run.run_dir / "wandb"
         self.earlier = read_wandb_offline(self.wandb_dir, self.id) if resuming and self.mode == "offline" else {}
