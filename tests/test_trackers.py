@@ -182,3 +182,34 @@ def test_saved_ids_file_is_in_the_run_folder(tiny_model_dir, chat_files, tmp_pat
     train(cfg)
     ids = json.loads((tmp_path / "r" / "trackers.json").read_text())
     assert set(ids) == {"mlflow"} and Path(ids["mlflow"]["tracking_uri"].removeprefix("sqlite:///")).is_file()
+
+
+def test_a_failed_run_closes_its_trackers_and_resumes_them(tiny_model_dir, chat_files, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from lora_tune.finetune import finetune
+    from lora_tune.train.hooks import Hook
+
+    class Boom(Hook):
+        failed = False
+
+        def on_step_end(self, run, out):
+            if run.state.step == 3:
+                raise RuntimeError("boom")
+
+        def on_fail(self, run):
+            Boom.failed = True
+
+    train_file, val_file = chat_files
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_model_dir, train_file, val_file, out, **{"train.report_to": "mlflow", "train.save_every": 2})
+    with pytest.raises(RuntimeError, match="boom"):
+        finetune(cfg, hooks=[Boom()])
+    assert Boom.failed
+    ml = json.loads((out / "trackers.json").read_text())["mlflow"]
+    client = MlflowClient(tracking_uri=ml["tracking_uri"])
+    assert client.get_run(ml["run_id"]).info.status == "FAILED"
+    finetune(cfg, resume=True)
+    assert client.get_run(ml["run_id"]).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(ml["run_id"], "train_loss")]
+    assert sorted(steps) == list(range(1, 7))  # step 3 was logged before the failure and is not sent twice

@@ -1,11 +1,12 @@
 """The loop's hooks: the metrics log, the progress bar, evaluation, early stopping and checkpointing.
 
-A hook is a plain object with up to four methods, called by the loop in the order of the list that
+A hook is a plain object with up to five methods, called by the loop in the order of the list that
 `train()` builds (no registry, no flags that other hooks flip):
 - `on_start(run)`: before the first step (after a resume, before the first new step);
 - `on_log(run, record)`: for every record logged, a training step's or an evaluation's;
 - `on_step_end(run, out)`: after each optimizer step, once its record is logged;
-- `on_end(run)`: after the last step.
+- `on_end(run)`: after the last step (in reverse list order);
+- `on_fail(run)`: instead of `on_end` when the loop raises (in reverse order): close what `on_start` opened.
 Records are the lines of `metrics.jsonl`. `run.log(record)` hands one to every hook; `run.stop(reason)`
 ends the loop after the current step (early stopping is its only caller).
 """
@@ -43,6 +44,9 @@ class Hook:
         pass
 
     def on_end(self, run: Run) -> None:
+        pass
+
+    def on_fail(self, run: Run) -> None:
         pass
 
 
@@ -92,7 +96,11 @@ class Progress(Hook):
         return f"step {record['step']}: validation loss {record['loss']:.4f}{more}"
 
     def on_end(self, run: Run) -> None:
-        self.bar.__exit__(None, None, None)
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    on_fail = on_end
 
 
 TaskMetric = Callable[[torch.nn.Module], float]  # the model -> the task metric on validation records

@@ -48,19 +48,24 @@ class TrainResult:
 
 def fit(run: Run) -> None:
     """The loop. Hooks start in list order and end in reverse order, so the first to open closes last."""
-    for hook in run.hooks:
-        hook.on_start(run)
-    while run.state.step < run.total_steps and run.stop_reason is None:
-        micro = [run.stream.next() for _ in range(run.cfg.train.grad_accum)]
-        lr, t0 = run.scheduler.get_last_lr()[0], time.perf_counter()
-        out = optimizer_step(run.parts, micro, run.state.split, run.note)
-        run.scheduler.step()
-        advance(run.state, out, run.stream)
-        run.log(train_record(run, out, lr, time.perf_counter() - t0))
+    try:
         for hook in run.hooks:
-            hook.on_step_end(run, out)
-    for hook in reversed(run.hooks):
-        hook.on_end(run)
+            hook.on_start(run)
+        while run.state.step < run.total_steps and run.stop_reason is None:
+            micro = [run.stream.next() for _ in range(run.cfg.train.grad_accum)]
+            lr, t0 = run.scheduler.get_last_lr()[0], time.perf_counter()
+            out = optimizer_step(run.parts, micro, run.state.split, run.note)
+            run.scheduler.step()
+            advance(run.state, out, run.stream)
+            run.log(train_record(run, out, lr, time.perf_counter() - t0))
+            for hook in run.hooks:
+                hook.on_step_end(run, out)
+        for hook in reversed(run.hooks):
+            hook.on_end(run)
+    except BaseException:  # an error or Ctrl-C: let hooks close what they opened, then re-raise
+        for hook in reversed(run.hooks):
+            hook.on_fail(run)
+        raise
 
 
 def advance(state: TrainState, out: StepOut, stream: BatchStream) -> None:

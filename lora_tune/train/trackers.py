@@ -75,7 +75,7 @@ class Tracker(Protocol):
 
     def write(self, step: int, metrics: dict[str, float]) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
 
 
 class TrackerHook(Hook):
@@ -84,10 +84,12 @@ class TrackerHook(Hook):
     def __init__(self, tracker: Tracker, full_validation: bool, metric: str):
         self.tracker, self.full_validation, self.metric = tracker, full_validation, metric
         self.have: dict[str, int] = {}
+        self.opened = False
 
     def on_start(self, run: Run) -> None:
         resuming = run.resumed_from is not None
         self.tracker.open(run, resuming)
+        self.opened = True
         if resuming:
             self.have = self.tracker.logged_steps()
             for record in read_metrics(run.run_dir / "metrics.jsonl"):  # trimmed to the checkpoint
@@ -100,6 +102,12 @@ class TrackerHook(Hook):
 
     def on_end(self, run: Run) -> None:
         self.tracker.close()
+        self.opened = False
+
+    def on_fail(self, run: Run) -> None:
+        if self.opened:
+            self.tracker.close(failed=True)
+            self.opened = False
 
 
 def tracker_hooks(cfg: C.RunCfg, full_validation: bool) -> list[Hook]:
@@ -151,7 +159,7 @@ class TensorBoard:
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -217,8 +225,8 @@ class MLflow:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id, "FINISHED")
+    def close(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
 
 
 def mlflow_uri(run_dir: Path) -> str:
@@ -273,8 +281,8 @@ class WandB:
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 def wandb_logged_in() -> bool:
