@@ -131,3 +131,17 @@ def tiny_config(model_dir: Path, train: Path, val: Path | None, out: Path, **ext
     from lora_tune.config import load_config
 
     return load_config(None, tiny_overrides(model_dir, train, val, out, **extra))
+
+
+def cli_process(args: list[str], **env: str):
+    """`lora-tune ARGS` in a child process (one thread, unbuffered), with `env` added to the environment."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "lora_tune.cli", *args],
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

@@ -4,11 +4,8 @@ a SIGKILL and a resume (no step twice, none missing)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,23 +16,15 @@ from lora_tune.errors import ConfigError
 from lora_tune.train.metrics import read_metrics
 from lora_tune.train.trackers import read_tensorboard, read_wandb_offline, tracker_metrics, wandb_logged_in
 
-from conftest import tiny_config, tiny_overrides
+from conftest import cli_process, tiny_config, tiny_overrides
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
 pytest.importorskip("wandb")
 
 
-def _cli(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "lora_tune.cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _cli(args: list[str]):
+    return cli_process(args, WANDB_MODE="offline", MLFLOW_TRACKING_URI="")  # offline; the run folder's store
 
 
 def _split(rows, split):

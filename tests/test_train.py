@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +15,7 @@ from lora_tune.train.checkpoint import list_checkpoints
 from lora_tune.train.loop import train
 from lora_tune.train.metrics import read_metrics
 
-from conftest import tiny_config, tiny_overrides
+from conftest import cli_process, tiny_config, tiny_overrides
 
 
 def _cfg(tiny_model_dir, chat_files, out, **extra):
@@ -99,18 +96,6 @@ def test_resume_refuses_changed_settings(tiny_model_dir, chat_files, tmp_path):
     assert res.resumed_from == 2
 
 
-def _cli(args, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "lora_tune.cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kw,
-    )
-
-
 def _train_losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if r.get("split", "train") == "train"]
 
@@ -133,10 +118,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model_dir, chat_fil
     cfg = tmp_path / "empty.yaml"
     cfg.write_text("{}\n")
     ref_out, cut_out = tmp_path / "ref", tmp_path / "cut"
-    ref = _cli([a if a != "-" else str(cfg) for a in args(ref_out)])
+    ref = cli_process([a if a != "-" else str(cfg) for a in args(ref_out)])
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
 
-    victim = _cli([a if a != "-" else str(cfg) for a in args(cut_out)])
+    victim = cli_process([a if a != "-" else str(cfg) for a in args(cut_out)])
     deadline = time.time() + 300
     while time.time() < deadline and victim.poll() is None:
         done = _train_losses(cut_out) if (cut_out / "metrics.jsonl").exists() else []
@@ -148,7 +133,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model_dir, chat_fil
     killed_at = len(_train_losses(cut_out))
     assert killed_at < 40
 
-    resumed = _cli([a if a != "-" else str(cfg) for a in args(cut_out)] + ["--resume"])
+    resumed = cli_process([a if a != "-" else str(cfg) for a in args(cut_out)] + ["--resume"])
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert "resumed from" in resumed.stdout.read()
     assert _train_losses(cut_out) == _train_losses(ref_out)  # exact, same thread count

@@ -199,19 +199,19 @@ class MLflow:
             self.run_id = saved["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
             return
-        self.run_id = self.client.create_run(self._experiment(run, uri), run_name=run.run_dir.name).info.run_id
+        self.run_id = self.client.create_run(self._experiment(run), run_name=run.run_dir.name).info.run_id
         flat = C.flatten(C.to_dict(run.cfg))
         params = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in flat.items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
             self.client.log_batch(self.run_id, params=params[i : i + 100])
         _save_id(run, self.name, {"run_id": self.run_id, "tracking_uri": uri})
 
-    def _experiment(self, run: Run, uri: str) -> str:
+    def _experiment(self, run: Run) -> str:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "lora_tune")
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
-        local = uri.startswith("sqlite:") and "MLFLOW_TRACKING_URI" not in os.environ
+        local = not os.environ.get("MLFLOW_TRACKING_URI")  # our store in the run folder, not a server
         artifacts = (run.run_dir / "mlruns" / "artifacts").resolve().as_uri() if local else None
         return self.client.create_experiment(name, artifact_location=artifacts)
 
