@@ -300,7 +300,8 @@ def read_wandb_offline(wandb_dir: Path, run_id: str) -> dict[str, list[tuple[int
     """The history of offline run `run_id` under `wandb_dir`, as {metric: [(step, value), ...]}, oldest file
     first, read with W&B's own reader of its run files (`wandb leet inspect --json`)."""
     history: dict[str, list[tuple[int, float]]] = {}
-    exe = shutil.which("wandb") or str(Path(sys.executable).parent / "wandb")
+    beside = Path(sys.executable).parent / "wandb"  # this environment's wandb before any other on PATH
+    exe = str(beside) if beside.is_file() else shutil.which("wandb") or "wandb"
     for f in sorted(Path(wandb_dir).glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
         out = subprocess.run([exe, "leet", "inspect", "--json", str(f)], capture_output=True, text=True, check=True)
         for line in out.stdout.splitlines():
