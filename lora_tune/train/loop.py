@@ -18,11 +18,13 @@ from rich.console import Console
 
 from lora_tune import config as C
 from lora_tune.data.batching import BatchStream
+from lora_tune.data.splits import read_splits
 from lora_tune.errors import LoraTuneError
 from lora_tune.runtime import Precision, peak_memory_mb
 from lora_tune.train.hooks import Checkpointing, EarlyStopping, Evaluation, Hook, MetricsFile, Progress, train_record
 from lora_tune.train.metrics import MetricsLog, plot_losses
 from lora_tune.train.run import Run
+from lora_tune.train.rundir import run_lock
 from lora_tune.train.setup import save_adapter, setup_run
 from lora_tune.train.state import TrainState
 from lora_tune.train.step import StepOut, optimizer_step
@@ -99,13 +101,16 @@ def train(
         cfg = fit_memory(cfg, console)
     if cfg.eval.metric != "none" and task_metric is None:
         raise LoraTuneError(f"eval.metric={cfg.eval.metric} needs a task metric: call lora_tune.finetune.finetune")
-    run = setup_run(cfg, resume, overwrite, console)
-    run.t_start = t_start
-    run.hooks = [*default_hooks(run, task_metric), *hooks]
-    fit(run)
-    meta = {"base_model": cfg.model.source, "quantization": cfg.model.quantization, "steps": run.state.step}
-    adapter_dir = save_adapter(run.parts.model, run.tok, run.run_dir / "adapter", {**meta, "config": C.to_dict(cfg)})
-    return summarise(run, adapter_dir)
+    records = read_splits(cfg.data, cfg.train.seed)  # bad data fails here, before any folder is touched
+    with run_lock(Path(cfg.output_dir), console.print):
+        run = setup_run(cfg, records, resume, overwrite, console)
+        run.t_start = t_start
+        run.hooks = [*default_hooks(run, task_metric), *hooks]
+        fit(run)
+        meta = {"base_model": cfg.model.source, "quantization": cfg.model.quantization, "steps": run.state.step}
+        meta["config"] = C.to_dict(cfg)
+        adapter_dir = save_adapter(run.parts.model, run.tok, run.run_dir / "adapter", meta)
+        return summarise(run, adapter_dir)
 
 
 def default_hooks(run: Run, task_metric: TaskMetric | None) -> list[Hook]:

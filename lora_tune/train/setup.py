@@ -9,7 +9,6 @@ import dataclasses
 import json
 import math
 import random
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from lora_tune import config as C
 from lora_tune.atomic import atomic_write_text, replace_dir
 from lora_tune.data.batching import BatchStream
 from lora_tune.data.splits import prepare as prepare_data
-from lora_tune.data.splits import read_splits
 from lora_tune.data.templates import resolve_chat_template
 from lora_tune.data.tokenize import TokenizeStats
 from lora_tune.errors import LoraTuneError
@@ -32,6 +30,7 @@ from lora_tune.train.metrics import MetricsLog
 from lora_tune.train.objectives import SFT
 from lora_tune.train.optim import build_optimizer, build_scheduler
 from lora_tune.train.run import Run
+from lora_tune.train.rundir import check_fresh_dir, clear_run_dir
 from lora_tune.train.state import TrainState
 from lora_tune.train.step import StepParts
 
@@ -43,12 +42,17 @@ def set_seed(seed: int) -> None:
 
 
 def check_run_dir(cfg: C.RunCfg, resume: bool, overwrite: bool) -> Path | None:
-    """Return the checkpoint to resume from (or None); refuse to clobber an existing run."""
+    """Return the checkpoint to resume from (or None); refuse to clobber an existing run or a user's folder.
+
+    Call it holding the folder's lock (`rundir.run_lock`) and after the data has been read and validated:
+    `overwrite` empties the folder, and only a lora_tune run's.
+    """
     run_dir = Path(cfg.output_dir)
-    if overwrite and not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
+    if overwrite and not resume:
+        clear_run_dir(run_dir)
     ckpt = latest_checkpoint(run_dir)
     if not resume:
+        check_fresh_dir(run_dir)
         if ckpt is not None or (run_dir / "adapter").exists():
             raise LoraTuneError(
                 f"{run_dir} already holds a run; continue it with --resume, start over with --overwrite, "
@@ -91,12 +95,15 @@ def describe_data(console: Console, name: str, stats: TokenizeStats, examples) -
         )
 
 
-def setup_run(cfg: C.RunCfg, resume: bool, overwrite: bool, console: Console) -> Run:
-    """Everything the loop needs, restored from the latest checkpoint when resuming one."""
+def setup_run(cfg: C.RunCfg, records: tuple[list, list], resume: bool, overwrite: bool, console: Console) -> Run:
+    """Everything the loop needs, restored from the latest checkpoint when resuming one.
+
+    `records` are the (train, validation) records `data.splits.read_splits` read and validated.
+    """
     ckpt = check_run_dir(cfg, resume, overwrite)
     saved = read_state(ckpt) if ckpt is not None else None
     tc = cfg.train
-    train_records, val_records = read_splits(cfg.data, tc.seed)
+    train_records, val_records = records
     device = choose_device(tc.device)
     weight_dtype = cfg.model.quantization if cfg.model.quantization in ("bf16", "fp16") else None
     precision = choose_precision(tc.precision, device, weight_dtype, saved.precision if saved else None)
