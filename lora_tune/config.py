@@ -111,7 +111,7 @@ class TrainCfg:
     betas: list[float] = _f([0.9, 0.999], "AdamW betas")
     gradient_checkpointing: bool = _f(True, "recompute activations in backward (non-reentrant)")
     chunked_loss: bool = _f(True, "LM head + cross-entropy a chunk of positions at a time (never all logits at once)")
-    precision: Precision = _f("auto", "auto: bf16 on GPUs that have it, else fp16+GradScaler; CPU: measured")
+    precision: Precision = _f("auto", "auto: bf16 where the GPU or CPU has it, else fp16+GradScaler (GPU) or fp32")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train")
     log_every: int = _f(1, "print a progress line every N steps when not on a terminal")
     eval_every: int = _f(0, "validation loss every N steps (0: only at the end)")
@@ -121,6 +121,7 @@ class TrainCfg:
     auto_fit: bool = _f(False, "let the planner pick micro-batch/accumulation/checkpointing/max_length to fit memory")
     memory_budget: str | None = _f(None, "memory for auto_fit, e.g. 12GiB (default: the GPU's total memory)")
     early_stopping_min_delta: float = _f(0.0, "an improvement must lower val loss by more than this")
+    load_best_at_end: bool = _f(False, "the final adapter is the best evaluation's weights (saved when found)")
     report_to: list[Tracker] = _f([], "experiment trackers: tensorboard, mlflow, wandb (each an optional extra)")
 
 
@@ -177,6 +178,42 @@ RESUME_SAFE_KEYS = {
 
 # ----------------------------------------------------------------------------------------------------
 # Building a config from data
+
+
+# The names Hugging Face (TrainingArguments, PEFT, TRL) and Axolotl users type, and ours.
+ALIASES = {
+    "learning_rate": "train.lr",
+    "num_epochs": "train.epochs",
+    "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "lr_scheduler_type": "train.schedule",
+    "save_steps": "train.save_every",
+    "eval_steps": "train.eval_every",
+    "logging_steps": "train.log_every",
+    "save_total_limit": "train.keep_last",
+    "load_best_model_at_end": "train.load_best_at_end",
+    "optim": "train.optimizer",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
+    "sequence_len": "data.max_length",
+    "max_seq_length": "data.max_length",
+    "base_model": "model.source",
+    "model_name_or_path": "model.source",
+    "load_in_4bit": "model.quantization: nf4",
+    "load_in_8bit": "model.quantization: int8",
+}
+
+
+def _alias(name: str) -> str:
+    """'; did you mean `train.lr`? ...' when `name` (or a near miss of it) is another tool's name for a key."""
+    bare = name.rsplit(".", 1)[-1]
+    match = bare if bare in ALIASES else next(iter(difflib.get_close_matches(bare, list(ALIASES), 1, 0.8)), None)
+    if match is None:
+        return ""
+    return f"; did you mean `{ALIASES[match]}`? (`{match}` is the Hugging Face / Axolotl name)"
 
 
 def _closest(name: str, options: typing.Iterable[str], prefix: str = "") -> str:
@@ -251,7 +288,8 @@ def _coerce(key: str, value: Any, hint: Any, problems: list[str]) -> Any:
     return value
 
 
-def _build_section(cls: type, name: str, data: Any, problems: list[str]) -> Any:
+def _build_section(cls: type, name: str, data: Any, problems: list[str], bad: set[str]) -> Any:
+    """The section's dataclass; type problems go to `problems` (their keys to `bad`, left at defaults)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -263,9 +301,15 @@ def _build_section(cls: type, name: str, data: Any, problems: list[str]) -> Any:
     for key, value in data.items():
         full = f"{name}.{key}"
         if key not in fields:
-            problems.append(f"unknown key `{full}`{_closest(str(key), fields, prefix=name + '.')}")
+            problems.append(f"unknown key `{full}`{_alias(str(key)) or _closest(str(key), fields, prefix=name + '.')}")
             continue
-        kwargs[key] = _coerce(full, value, hints[key], problems)
+        found: list[str] = []
+        value = _coerce(full, value, hints[key], found)
+        if found:  # keep the default, so the range checks of the other keys still run
+            problems.extend(found)
+            bad.add(full)
+        else:
+            kwargs[key] = value
     return cls(**kwargs)
 
 
@@ -278,13 +322,18 @@ def from_dict(data: dict[str, Any], source: str | None = None) -> RunCfg:
     sections = {}
     for key in data:
         if key not in top:
-            problems.append(f"unknown section `{key}`{_closest(str(key), top)}")
+            alias = _alias(str(key))  # a flat HF-style name (learning_rate: ...) at the top level
+            problems.append(
+                f"unknown key `{key}`{alias}" if alias else f"unknown section `{key}`{_closest(str(key), top)}"
+            )
+    bad: set[str] = set()
     for name, cls in SECTIONS.items():
-        sections[name] = _build_section(cls, name, data.get(name), problems)
+        sections[name] = _build_section(cls, name, data.get(name), problems, bad)
     output_dir = _coerce("output_dir", data.get("output_dir", RunCfg.output_dir), str, problems)
-    cfg = RunCfg(**sections, output_dir=output_dir)
-    if not problems:
-        problems.extend(validate(cfg))
+    cfg = RunCfg(**sections, output_dir=output_dir if isinstance(output_dir, str) else RunCfg.output_dir)
+    # range and cross-field checks run even after type errors (on defaults for the mistyped keys), and
+    # say nothing more about a key already reported
+    problems.extend(p for p in validate(cfg) if not any(f"`{k}`" in p for k in bad))
     if problems:
         raise ConfigError(problems, source)
     return cfg
@@ -320,6 +369,8 @@ def validate(cfg: RunCfg) -> list[str]:
     positive("eval.batch_size", cfg.eval.batch_size)
     positive("eval.max_samples", cfg.eval.max_samples)
     positive("eval.metric_samples", cfg.eval.metric_samples)
+    if t.load_best_at_end and not (d.val_file or d.val_fraction):
+        p.append("`train.load_best_at_end` needs validation data: set data.val_file or data.val_fraction")
     if cfg.eval.early_stopping_on == "metric" and cfg.eval.metric == "none":
         p.append("`eval.early_stopping_on: metric` needs `eval.metric` (e.g. f1 or accuracy)")
     if not 0 <= t.min_lr_ratio <= 1:
@@ -371,7 +422,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> RunCfg:
     """Read a YAML config (or start from defaults when `path` is None) and apply dotted overrides.
 
-    Relative data paths in the file are resolved against the file's folder, so a recipe runs from anywhere.
+    Relative data paths in the file are resolved against the file's folder, so a recipe runs from anywhere;
+    relative paths in overrides against the current folder.
     """
     data: dict[str, Any] = {}
     source = None
@@ -390,7 +442,9 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if not isinstance(data, dict):
             raise ConfigError([f"{path}: the top level must be a mapping of sections"], None)
         data = _resolve_relative_paths(data, path.parent)
-    data = _merge(data, parse_overrides(overrides))
+    # relative paths given on the command line mean the current folder, resolved now so a resume works
+    # from anywhere (and compares equal to the run's saved config)
+    data = _merge(data, _resolve_relative_paths(parse_overrides(overrides), Path.cwd()))
     return from_dict(data, source)
 
 

@@ -99,3 +99,33 @@ def test_reference_documents_every_key():
     rows = reference()
     assert all(doc for _, _, doc in rows)
     assert {"train.lr", "model.quantization", "lora.r", "output_dir"} <= {k for k, _, _ in rows}
+
+
+def test_a_type_error_does_not_hide_range_errors():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.train_file=x", "train.micro_batch_size=-2", "data.max_length=abc", "lora.r=0"])
+    assert len(e.value.problems) == 3
+    msg = str(e.value)
+    assert "`train.micro_batch_size` must be > 0" in msg and "`data.max_length`: expected an integer" in msg
+    assert "`lora.r` must be > 0" in msg
+
+
+@pytest.mark.parametrize(
+    "override, ours",
+    [
+        ("learning_rate=1e-4", "train.lr"),
+        ("lerning_rate=1e-4", "train.lr"),  # a typo of the HF name
+        ("train.learning_rate=1e-4", "train.lr"),
+        ("num_train_epochs=3", "train.epochs"),
+        ("per_device_train_batch_size=2", "train.micro_batch_size"),
+        ("gradient_accumulation_steps=4", "train.grad_accum"),
+        ("lora_r=8", "lora.r"),
+        ("max_seq_length=512", "data.max_length"),
+        ("base_model=x", "model.source"),
+        ("load_in_4bit=true", "model.quantization: nf4"),
+    ],
+)
+def test_hugging_face_and_axolotl_names_are_pointed_to_ours(override, ours):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.train_file=x", override])
+    assert f"did you mean `{ours}`?" in str(e.value)

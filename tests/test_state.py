@@ -43,7 +43,7 @@ def test_resume_keeps_the_precision_the_run_chose(tiny_model_dir, chat_files, tm
     """`train.precision: auto` is decided once, when a run starts; a resume reads it from the checkpoint."""
     from rich.console import Console
 
-    from lora_tune.train.checkpoint import latest_checkpoint
+    from lora_tune.train.checkpoint import latest_checkpoint, state_digest
     from lora_tune.train.loop import train
 
     from conftest import tiny_config
@@ -55,7 +55,8 @@ def test_resume_keeps_the_precision_the_run_chose(tiny_model_dir, chat_files, tm
     saved = json.loads(path.read_text())
     assert saved["precision"] in ("bf16", "fp32")
     other = "fp32" if saved["precision"] == "bf16" else "bf16"
-    path.write_text(json.dumps({**saved, "precision": other}))  # as if this machine had decided otherwise
+    changed = {**saved, "precision": other}  # as if this machine had decided otherwise
+    path.write_text(json.dumps({**changed, "self_sha256": state_digest(changed)}))
     console = Console(record=True, width=200)
     train(cfg, resume=True, console=console)
     assert f"precision: {other} (chosen when the run started; kept on resume)" in console.export_text()

@@ -43,12 +43,17 @@ class Record:
         return "text" if self.text is not None else "prompt_completion" if self.prompt is not None else "messages"
 
     def content(self) -> dict[str, Any]:
-        """The record's data without its location (for hashing and duplicate checks)."""
+        """The record's data without its location (for hashing and duplicate checks).
+
+        A turn's `weight` is part of it: it changes which tokens are trained, so two records that differ
+        only in a weight are different records, and editing a weight invalidates the token cache.
+        """
         if self.text is not None:
             return {"text": self.text}
         if self.prompt is not None:
             return {"prompt": self.prompt, "completion": self.completion}
-        return {"messages": [{"role": m["role"], "content": m["content"]} for m in self.messages]}
+        keys = ("role", "content", "weight")
+        return {"messages": [{k: m[k] for k in keys if k in m} for m in self.messages]}
 
     def response(self) -> str | None:
         """The final supervised answer (completion or last assistant turn); None for plain text."""

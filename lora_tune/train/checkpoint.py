@@ -7,11 +7,13 @@ tensors come from safetensors or `torch.load(weights_only=True)`, the rest from 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from lora_tune.atomic import replace_dir
+from lora_tune.errors import LoraTuneError
 from lora_tune.train.state import TrainState
 
 PREFIX = "step-"
@@ -57,6 +60,53 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_digest(saved: dict) -> str:
+    """SHA-256 of a state.json's content without its own digest (key order does not matter)."""
+    body = {k: v for k, v in saved.items() if k != "self_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def damage(path: Path) -> str | None:
+    """Why checkpoint folder `path` cannot be trusted (a missing, truncated or changed file), or None.
+
+    Each file's SHA-256 is in its state.json; checkpoints from before that was recorded are trusted.
+    """
+    try:
+        saved = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"state.json unreadable ({type(e).__name__})"
+    if ("sha256" in saved or "self_sha256" in saved) and state_digest(saved) != saved.get("self_sha256"):
+        return "state.json does not match its SHA-256 (changed)"
+    for name, digest in saved.get("sha256", {}).items():
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if sha256_of(path / name) != digest:
+            return f"{name} does not match its SHA-256 (truncated or changed)"
+    return None
+
+
+def latest_good_checkpoint(run_dir: Path, note: Callable[[str], None] = print) -> Path | None:
+    """The newest intact checkpoint. Damaged ones are reported and set aside as `.step-N.damaged`
+    (kept for a look, never deleted), so the next save of that step and pruning skip them."""
+    for path in reversed(list_checkpoints(run_dir)):
+        why = damage(path)
+        if why is None:
+            return path
+        aside = path.with_name(f".{path.name}.damaged")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
+        note(f"checkpoint {path} is damaged: {why}; set aside as {aside.name}, using the one before it")
+    return None
+
+
 def _fsync_dir(path: Path) -> None:
     for f in path.iterdir():
         with open(f, "rb") as fh:
@@ -71,22 +121,43 @@ def save_checkpoint(
     scheduler,
     scaler: torch.amp.GradScaler,
     keep_last: int,
+    protect: int | None = None,
 ) -> Path:
-    """Write `checkpoints/step-N/` (N = `state.step`) atomically, then delete all but the newest `keep_last`."""
+    """Write `checkpoints/step-N/` (N = `state.step`) atomically, then delete all but the newest `keep_last`
+    (and the checkpoint of step `protect`, the best evaluation's).
+
+    A failed write (disk full, no permission) removes the half-written folder, leaves every earlier
+    checkpoint as it was, and raises an error that says so.
+    """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state.to_dict(), indent=2))
-    _fsync_dir(tmp)
-    replace_dir(tmp, final)  # re-saving a step (the final save right after a periodic one) replaces it
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    tmp = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        digests = {f.name: sha256_of(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        saved = {**state.to_dict(), "sha256": digests}
+        (tmp / "state.json").write_text(json.dumps({**saved, "self_sha256": state_digest(saved)}, indent=2))
+        _fsync_dir(tmp)
+        replace_dir(tmp, final)  # re-saving a step (the final save right after a periodic one) replaces it
+    except OSError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise LoraTuneError(
+            f"could not write checkpoint {final}: {e.strerror or e}; {kept}. Free disk space or fix the "
+            "folder's permissions, then continue with --resume"
+        ) from e
+    keep = set(list_checkpoints(run_dir)[-keep_last:])
+    for old in list_checkpoints(run_dir):
+        if old not in keep and int(old.name.removeprefix(PREFIX)) != protect:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -95,8 +166,8 @@ def read_state(path: Path) -> TrainState:
     return TrainState.from_dict(json.loads((Path(path) / "state.json").read_text()))
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> TrainState:
-    """Restore adapter weights, optimizer, scheduler, scaler and RNG; return the saved state."""
+def load_adapter_weights(path: Path, model) -> None:
+    """Put the adapter weights saved in checkpoint folder `path` into `model`."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -105,6 +176,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> TrainSta
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise RuntimeError(f"checkpoint {path} has weights this model lacks: {unexpected[:3]}")
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> TrainState:
+    """Restore adapter weights, optimizer, scheduler, scaler and RNG; return the saved state."""
+    load_adapter_weights(path, model)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))

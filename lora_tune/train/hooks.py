@@ -180,32 +180,34 @@ class EarlyStopping(Hook):
     """Keeps the best evaluation score and a patience count in the state; stops after `patience` bad ones.
 
     The score is minus the validation loss, or the task metric (`on="metric"`); higher is better, and an
-    improvement must beat the best by more than `min_delta`. The evaluations before and after training
-    do not count. With `patience` 0 the best score is still kept, but training never stops early.
+    improvement must beat the best by more than `min_delta`. The evaluation before training does not
+    count; the one after it can be the best but stops nothing. With `patience` 0 the best score is still
+    kept (for `train.load_best_at_end`), but training never stops early.
     """
 
     def __init__(self, patience: int, min_delta: float, on: str = "loss", metric: str = ""):
         self.patience, self.min_delta, self.on, self.metric = patience, min_delta, on, metric
 
     def on_log(self, run: Run, record: Record) -> None:
-        if not is_val(record) or not 0 < record["step"] < run.total_steps:
+        if not is_val(record) or record["step"] == 0:
             return
         score = record[self.metric] if self.on == "metric" else -record["loss"]
         state = run.state
         if state.best_score is None or score > state.best_score + self.min_delta:
-            state.best_score, state.bad_evals = score, 0
+            state.best_score, state.best_step, state.bad_evals = score, record["step"], 0
             return
         state.bad_evals += 1
-        if self.patience and state.bad_evals >= self.patience:
+        if self.patience and state.bad_evals >= self.patience and record["step"] < run.total_steps:
             run.stop(f"early stopping: no improvement in {self.patience} evaluations")
 
 
 class Checkpointing(Hook):
-    """Saves a checkpoint every `every` steps, at the last step, when stopping early, and right after a step
-    that recovered from an out-of-memory error; keeps the newest `keep_last`."""
+    """Saves a checkpoint every `every` steps, at the last step, when stopping early, right after a step
+    that recovered from an out-of-memory error, and (with `at_best`) at each new best evaluation. Keeps the
+    newest `keep_last`, and never prunes the best evaluation's checkpoint."""
 
-    def __init__(self, every: int, keep_last: int):
-        self.every, self.keep_last = every, keep_last
+    def __init__(self, every: int, keep_last: int, at_best: bool = False):
+        self.every, self.keep_last, self.at_best = every, keep_last, at_best
         self.last_saved = -1
 
     def on_start(self, run: Run) -> None:
@@ -216,7 +218,8 @@ class Checkpointing(Hook):
         if out.recovered:
             run.note(f"step {step}: checkpoint after the out-of-memory recovery (micro-batches now in {out.split})")
         due = self.every and step % self.every == 0
-        if due or step == run.total_steps or run.stop_reason is not None or out.recovered:
+        best = self.at_best and run.state.best_step == step
+        if due or best or step == run.total_steps or run.stop_reason is not None or out.recovered:
             self.save(run)
 
     def on_end(self, run: Run) -> None:
@@ -225,7 +228,8 @@ class Checkpointing(Hook):
 
     def save(self, run: Run) -> None:
         p = run.parts
-        save_checkpoint(run.run_dir, run.state, p.model, p.optimizer, run.scheduler, p.scaler, self.keep_last)
+        args = (run.run_dir, run.state, p.model, p.optimizer, run.scheduler, p.scaler, self.keep_last)
+        save_checkpoint(*args, protect=run.state.best_step)
         self.last_saved = run.state.step
 
 

@@ -21,6 +21,7 @@ from lora_tune.data.batching import BatchStream
 from lora_tune.data.splits import read_splits
 from lora_tune.errors import LoraTuneError
 from lora_tune.runtime import Precision, peak_memory_mb
+from lora_tune.train.checkpoint import PREFIX, load_adapter_weights
 from lora_tune.train.hooks import Checkpointing, EarlyStopping, Evaluation, Hook, MetricsFile, Progress, train_record
 from lora_tune.train.metrics import MetricsLog, plot_losses
 from lora_tune.train.run import Run
@@ -107,7 +108,10 @@ def train(
         run.t_start = t_start
         run.hooks = [*default_hooks(run, task_metric), *hooks]
         fit(run)
+        if cfg.train.load_best_at_end:
+            restore_best(run)
         meta = {"base_model": cfg.model.source, "quantization": cfg.model.quantization, "steps": run.state.step}
+        meta["weights_of_step"] = run.state.best_step if cfg.train.load_best_at_end else run.state.step
         meta["config"] = C.to_dict(cfg)
         adapter_dir = save_adapter(run.parts.model, run.tok, run.run_dir / "adapter", meta)
         return summarise(run, adapter_dir)
@@ -125,8 +129,24 @@ def default_hooks(run: Run, task_metric: TaskMetric | None) -> list[Hook]:
         Progress(tc.log_every, ec.metric),
         Evaluation(run.val_stream, tc.eval_every, metric_fn, ec.metric),
         EarlyStopping(tc.early_stopping_patience, tc.early_stopping_min_delta, ec.early_stopping_on, ec.metric),
-        Checkpointing(tc.save_every, tc.keep_last),
+        Checkpointing(tc.save_every, tc.keep_last, at_best=tc.load_best_at_end),
     ]
+
+
+def restore_best(run: Run) -> None:
+    """`train.load_best_at_end`: put the best evaluation's weights (from its checkpoint) into the model."""
+    best, state = run.state.best_step, run.state
+    if best is None or best == state.step:
+        return
+    path = run.run_dir / "checkpoints" / f"{PREFIX}{best:06d}"
+    if not path.is_dir():
+        run.note(f"[yellow]train.load_best_at_end: the checkpoint of step {best} is gone; keeping the last weights[/]")
+        state.best_step = state.step
+        return
+    load_adapter_weights(path, run.parts.model)
+    what = run.cfg.eval.metric if run.cfg.eval.early_stopping_on == "metric" else "validation loss"
+    score = state.best_score if run.cfg.eval.early_stopping_on == "metric" else -state.best_score
+    run.note(f"final adapter: the weights of step {best}, the best evaluation ({what} {score:.4f})")
 
 
 def summarise(run: Run, adapter_dir: Path) -> TrainResult:

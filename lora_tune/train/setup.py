@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from rich.console import Console
 
 from lora_tune import config as C
@@ -25,7 +26,7 @@ from lora_tune.data.tokenize import TokenizeStats
 from lora_tune.errors import LoraTuneError
 from lora_tune.models import attach_lora, count_parameters, load_model, prepare_for_training, resolve_source
 from lora_tune.runtime import choose_device, choose_precision
-from lora_tune.train.checkpoint import latest_checkpoint, load_checkpoint, read_state
+from lora_tune.train.checkpoint import latest_checkpoint, latest_good_checkpoint, load_checkpoint, read_state
 from lora_tune.train.metrics import MetricsLog
 from lora_tune.train.objectives import SFT
 from lora_tune.train.optim import build_optimizer, build_scheduler
@@ -41,7 +42,7 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_run_dir(cfg: C.RunCfg, resume: bool, overwrite: bool) -> Path | None:
+def check_run_dir(cfg: C.RunCfg, resume: bool, overwrite: bool, note=print) -> Path | None:
     """Return the checkpoint to resume from (or None); refuse to clobber an existing run or a user's folder.
 
     Call it holding the folder's lock (`rundir.run_lock`) and after the data has been read and validated:
@@ -59,7 +60,12 @@ def check_run_dir(cfg: C.RunCfg, resume: bool, overwrite: bool) -> Path | None:
                 "or set output_dir to a new folder"
             )
         return None
+    ckpt = latest_good_checkpoint(run_dir, note)
     if ckpt is None:
+        if latest_checkpoint(run_dir) is None and any((run_dir / "checkpoints").glob(".*.damaged")):
+            raise LoraTuneError(
+                f"every checkpoint in {run_dir / 'checkpoints'} is damaged; start over with --overwrite"
+            )
         return None
     saved_path = run_dir / "config.yaml"
     if saved_path.is_file():
@@ -100,7 +106,7 @@ def setup_run(cfg: C.RunCfg, records: tuple[list, list], resume: bool, overwrite
 
     `records` are the (train, validation) records `data.splits.read_splits` read and validated.
     """
-    ckpt = check_run_dir(cfg, resume, overwrite)
+    ckpt = check_run_dir(cfg, resume, overwrite, console.print)
     saved = read_state(ckpt) if ckpt is not None else None
     tc = cfg.train
     train_records, val_records = records
@@ -178,7 +184,25 @@ def _start_or_restore(run: Run, ckpt: Path | None) -> None:
             f"[yellow]note: {torch.get_num_threads()} threads now, {run.state.threads} before; "
             "losses may differ from an uninterrupted run in the last digits[/]"
         )
+    _reset_best_if_its_unit_changed(run)
     run.note(f"resumed from {ckpt} (step {run.state.step})")
+
+
+def _reset_best_if_its_unit_changed(run: Run) -> None:
+    """The best score is in the unit of `eval.early_stopping_on` (and `eval.metric`); when either changed
+    since the run started, the old best means nothing: start the count afresh, and say so."""
+    saved = yaml.safe_load((run.run_dir / "config.yaml").read_text()) or {}
+    old = {k: (saved.get("eval") or {}).get(k) for k in ("metric", "early_stopping_on")}
+    now = {"metric": run.cfg.eval.metric, "early_stopping_on": run.cfg.eval.early_stopping_on}
+    watched = old["early_stopping_on"] != now["early_stopping_on"] or (
+        now["early_stopping_on"] == "metric" and old["metric"] != now["metric"]
+    )
+    if watched and run.state.best_score is not None:
+        run.state.best_score, run.state.best_step, run.state.bad_evals = None, None, 0
+        run.note(
+            f"note: early stopping now watches {now['early_stopping_on']} ({now['metric']}), not "
+            f"{old['early_stopping_on']} ({old['metric']}); the best score and patience count start afresh"
+        )
 
 
 def save_adapter(model, tok, out: Path, meta: dict) -> Path:

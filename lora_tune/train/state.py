@@ -16,6 +16,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     position: Position = field(default_factory=Position)  # where the training data stream stands
     best_score: float | None = None  # best evaluation so far, higher is better (minus the loss, or the metric)
+    best_step: int | None = None  # the step of that evaluation
     bad_evals: int = 0  # evaluations since the best one (early stopping's patience count)
     tokens_seen: int = 0  # normaliser units trained on (supervised tokens for SFT)
     precision: str | None = None  # the compute dtype chosen when the run started ("bf16", ...)
