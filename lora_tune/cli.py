@@ -9,7 +9,7 @@ import click
 from lora_tune.errors import LoraTuneError
 
 
-def _fail(e: LoraTuneError) -> None:
+def _fail(e: Exception) -> None:
     click.echo(f"{click.style('error:', fg='red', bold=True)} {e}", err=True)
     sys.exit(1)
 
@@ -259,7 +259,10 @@ def generate(
     except LoraTuneError as e:
         _fail(e)
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    stream_reply(model, tok, msgs, Sampling(max_new_tokens, temperature, top_p, repetition_penalty), click.echo)
+    try:
+        stream_reply(model, tok, msgs, Sampling(max_new_tokens, temperature, top_p, repetition_penalty), click.echo)
+    except RuntimeError as e:
+        _fail(e)
 
 
 @main.command()
@@ -270,13 +273,14 @@ def chat(
     model_source, adapter, run_dir, quantization, device, system, max_new_tokens, temperature, top_p, repetition_penalty
 ) -> None:
     """Interactive multi-turn chat (keeps history; /reset clears it, /exit or Ctrl-D quits)."""
-    from lora_tune.evaluate.generate import Sampling, stream_reply
+    from lora_tune.evaluate.generate import Sampling, stream_reply, trim_history
 
     try:
         model, tok = _load_chat_model(model_source, adapter, run_dir, quantization, device)
     except LoraTuneError as e:
         _fail(e)
     sampling = Sampling(max_new_tokens, temperature, top_p, repetition_penalty)
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     click.echo("chat: /reset clears the history, /exit quits")
@@ -293,8 +297,16 @@ def chat(
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
+        history, dropped = trim_history(tok, history, context, max_new_tokens)
+        if dropped:
+            click.echo(f"(note: dropped the {dropped} oldest exchange(s) to fit the model's {context}-token context)")
         click.echo("assistant> ", nl=False)
-        reply = stream_reply(model, tok, history, sampling, lambda s, **kw: click.echo(s, **kw))
+        try:
+            reply = stream_reply(model, tok, history, sampling, lambda s, **kw: click.echo(s, **kw))
+        except RuntimeError as e:  # say so and keep the session; the unanswered turn is taken back
+            click.echo(f"{click.style('error:', fg='red', bold=True)} {e}", err=True)
+            history.pop()
+            continue
         history.append({"role": "assistant", "content": reply})
 
 

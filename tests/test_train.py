@@ -41,7 +41,10 @@ def test_train_writes_a_complete_run(tiny_model_dir, chat_files, tmp_path):
     vals = [r for r in rows if r.get("split") == "val"]
     assert [r["step"] for r in vals] == [0, 4, 8, 12]
     assert vals[-1]["loss"] < vals[0]["loss"]  # it learns
-    assert [p.name for p in list_checkpoints(out)] == ["step-000010", "step-000012"]  # keep_last=2
+    # keep_last=2, and the best evaluation's checkpoint is never pruned
+    best = min((r["loss"], r["step"]) for r in vals if r["step"] > 0)[1]
+    kept = sorted({"step-000010", "step-000012", f"step-{best:06d}"})
+    assert [p.name for p in list_checkpoints(out)] == kept
     ck = list_checkpoints(out)[-1]
     assert {
         "adapter_model.safetensors",

@@ -97,7 +97,16 @@ def stream_reply(model, tok, messages: list[dict], sampling: Sampling, emit) -> 
         eos_token_id=stop_ids(tok),
         streamer=streamer,
     )
-    thread = Thread(target=model.generate, kwargs=kwargs, daemon=True)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            model.generate(**kwargs)
+        except BaseException as e:  # handed to the caller below; the streamer must still be ended
+            failed.append(e)
+            streamer.end()
+
+    thread = Thread(target=run, daemon=True)
     thread.start()
     pieces = []
     for piece in streamer:
@@ -105,4 +114,21 @@ def stream_reply(model, tok, messages: list[dict], sampling: Sampling, emit) -> 
         emit(piece, nl=False)
     thread.join()
     emit("")
+    if failed:
+        raise RuntimeError(f"generation failed: {type(failed[0]).__name__}: {failed[0]}") from failed[0]
     return "".join(pieces).strip()
+
+
+def trim_history(tok, messages: list[dict], context: int, max_new_tokens: int) -> tuple[list[dict], int]:
+    """Drop the oldest user/assistant exchanges (never the system message or the newest turn) until the
+    prompt and the reply fit in `context` tokens; returns (messages, exchanges dropped)."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system) :]
+    dropped = 0
+    while len(turns) > 1:
+        n = len(tok(prompt_text(tok, system + turns), add_special_tokens=False)["input_ids"])
+        if n + max_new_tokens <= context:
+            break
+        turns = turns[2:]  # one user turn and the assistant reply to it
+        dropped += 1
+    return system + turns, dropped

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -65,15 +66,28 @@ class ModelSpec:
         return cls(source, adapter, quantization or meta.get("quantization", "bf16"))
 
 
+def inference_precision(quantization: str, device) -> tuple[str, Precision]:
+    """(weights to load, precision), chosen the way training chooses.
+
+    16-bit weights fix the compute dtype on a GPU. On a CPU they are up-cast (exactly) to fp32 unless
+    the CPU computes bf16 fast: bf16 matmuls on a CPU without bf16 instructions, and fp16 ones on any
+    CPU, are many times slower than fp32.
+    """
+    auto = choose_precision("auto", device)
+    if quantization not in ("bf16", "fp16"):
+        return quantization, auto
+    if device.type == "cpu" and not (quantization == "bf16" and auto.dtype is torch.bfloat16):
+        return "fp32", Precision(device, torch.float32, f"fp32 (the {quantization} weights up-cast: {auto.reason})")
+    return quantization, choose_precision("auto", device, quantization)
+
+
 def load_for_inference(spec: ModelSpec, device: str = "auto"):
     """(model, tokenizer, precision); the tokenizer saved with the adapter (its training template) wins."""
     from lora_tune.models import load_adapter, load_model, resolve_source
 
-    dev = choose_device(device)
-    weight = spec.quantization if spec.quantization in ("bf16", "fp16") else None
-    precision = choose_precision("auto", dev, weight)
+    quantization, precision = inference_precision(spec.quantization, choose_device(device))
     model, tok = load_model(
-        ModelCfg(source=spec.source, quantization=spec.quantization), precision, resolve_source(spec.source)
+        ModelCfg(source=spec.source, quantization=quantization), precision, resolve_source(spec.source)
     )
     if spec.adapter:
         from lora_tune.models import load_tokenizer

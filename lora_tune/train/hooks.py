@@ -109,13 +109,15 @@ TaskMetric = Callable[[torch.nn.Module], float]  # the model -> the task metric 
 class Evaluation(Hook):
     """Validation loss (and the objective's figures, and the task metric) before, during and after training.
 
-    Before training only on a fresh start; every `every` steps before the last; after the last step
-    unless training stopped early. Each evaluation is logged as one `split: val` record.
+    Before training only on a fresh start; every `every` steps; after the last step (before its
+    checkpoint is written, so the checkpoint knows the result) unless training stopped early, or at the
+    end when a resumed run had no step left. Each evaluation is logged as one `split: val` record.
     """
 
     def __init__(self, stream: BatchStream, every: int, task_metric: TaskMetric | None = None, metric: str = ""):
         self.stream, self.every = stream, every
         self.task_metric, self.metric = task_metric, metric
+        self.done_final = False
 
     def on_start(self, run: Run) -> None:
         if run.state.step == 0:
@@ -123,11 +125,12 @@ class Evaluation(Hook):
 
     def on_step_end(self, run: Run, out: StepOut) -> None:
         step = run.state.step
-        if self.every and step % self.every == 0 and step < run.total_steps:
+        if step == run.total_steps or (self.every and step % self.every == 0 and run.stop_reason is None):
             self.evaluate(run)
+            self.done_final = step == run.total_steps
 
     def on_end(self, run: Run) -> None:
-        if run.stop_reason is None:
+        if run.stop_reason is None and not self.done_final:
             self.evaluate(run)
 
     def evaluate(self, run: Run) -> None:
