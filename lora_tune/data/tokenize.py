@@ -92,6 +92,14 @@ def render_with_spans(tok, messages, template=None, loss_on: str = "assistant") 
         if hits:
             pos, mk = min(hits)
             spans.append((start, pos + len(mk)))
+        elif content and content_at < 0:
+            # we would not know where the reply ends: an EOS put at the turn's start would teach the
+            # model to stop at once
+            raise LoraTuneError(
+                f"assistant turn {i}: the chat template changes the reply's text (it is not found in the "
+                "rendered conversation) and ends turns with no end-of-turn token, so the reply's end can't be "
+                "located; use a template that keeps the text, e.g. data.chat_template=chatml"
+            )
         else:
             spans.append((start, search_from))
             inserts.append(search_from)
@@ -144,7 +152,10 @@ def encode_record(tok, rec: Record, template: str | None = None, loss_on: str = 
         return encode_text(tok, rec.text)
     if rec.prompt is not None:
         return encode_prompt_completion(tok, rec.prompt, rec.completion, loss_on)
-    return encode_messages(tok, rec.messages, template, loss_on)
+    try:
+        return encode_messages(tok, rec.messages, template, loss_on)
+    except LoraTuneError as e:
+        raise LoraTuneError(f"{rec.where}: {e}") from None
 
 
 def fit_length(ex: Example, max_length: int, truncation: str) -> Example | None:

@@ -43,8 +43,10 @@ def prompt_text(tok, messages: list[dict]) -> str:
 
 
 @torch.no_grad()
-def generate_texts(model, tok, prompts: list[str], sampling: Sampling, batch_size: int = 8) -> tuple[list[str], float]:
-    """Complete already-rendered prompts in left-padded batches; returns (texts, new tokens per second)."""
+def generate_texts(
+    model, tok, prompts: list[str] | list[list[int]], sampling: Sampling, batch_size: int = 8
+) -> tuple[list[str], float]:
+    """Complete prompts (rendered text, or token ids) in left-padded batches; returns (texts, new tokens/s)."""
     device = next(model.parameters()).device
     side = tok.padding_side
     tok.padding_side = "left"  # new tokens must follow each prompt directly
@@ -53,7 +55,11 @@ def generate_texts(model, tok, prompts: list[str], sampling: Sampling, batch_siz
     try:
         with evaluating(model):
             for lo in range(0, len(prompts), batch_size):
-                enc = tok(prompts[lo : lo + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+                ids = [
+                    p if isinstance(p, list) else tok(p, add_special_tokens=False)["input_ids"]
+                    for p in prompts[lo : lo + batch_size]
+                ]
+                enc = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt")
                 enc = {k: v.to(device) for k, v in enc.items()}
                 out = model.generate(
                     **enc,

@@ -98,11 +98,13 @@ def load_for_inference(spec: ModelSpec, device: str = "auto"):
     return model, tok, precision
 
 
-def _final_prompt(tok, rec: Record) -> str:
+def prompt_ids(tok, rec: Record) -> list[int]:
+    """The token ids a record's answer is generated after, exactly as training tokenized that part: a raw
+    prompt with the tokenizer's special tokens (BOS), a chat up to its last assistant turn as rendered."""
     if rec.prompt is not None:
-        return rec.prompt
+        return list(tok(rec.prompt, add_special_tokens=True)["input_ids"])
     last = max(i for i, m in enumerate(rec.messages) if m["role"] == "assistant")
-    return prompt_text(tok, rec.messages[:last])
+    return list(tok(prompt_text(tok, rec.messages[:last]), add_special_tokens=False)["input_ids"])
 
 
 def evaluate_model(
@@ -125,7 +127,7 @@ def evaluate_model(
     wanted = [m for m in GENERATIVE if m in s.metrics]
     generated: list[str] = []  # greedy answers, made once for every metric that needs them
     if wanted or ({"accuracy", "macro_f1"} & set(s.metrics) and s.label_mode == "generate"):
-        prompts = [_final_prompt(tok, r) for r in records]
+        prompts = [prompt_ids(tok, r) for r in records]
         generated, speed = generate_texts(model, tok, prompts, s.sampling, s.batch_size)
         preds = generated
         refs = [r.response() for r in records]
