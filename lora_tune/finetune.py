@@ -64,7 +64,8 @@ def fit_to_memory(cfg: RunCfg, console: Console) -> RunCfg:
     if cfg.train.memory_budget:
         budget = parse_size(cfg.train.memory_budget)
     elif device.type == "cuda":
-        budget = float(torch.cuda.get_device_properties(device).total_memory)
+        budget = float(torch.cuda.mem_get_info(device)[0])  # what is free now, not the card's total
+        console.print(f"train.auto_fit: budgeting the {budget / 2**30:.2f} GiB free on {device}")
     else:
         console.print("train.auto_fit: no train.memory_budget and no GPU; keeping the settings as they are")
         return cfg

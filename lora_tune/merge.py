@@ -254,14 +254,25 @@ def fidelity_examples(tok, meta: dict[str, Any], n: int = 8, max_length: int = 2
 
 @torch.no_grad()
 def _logits(model, examples, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """fp32 logits on the CPU (with masks and labels), the inputs put on the model's own device."""
     from lora_tune.data.batching import collate
 
+    device = next(model.parameters()).device
     out = []
     for lo in range(0, len(examples), 4):
         b = collate(examples[lo : lo + 4], pad_id)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits.float()
+        ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().cpu()
         out.append((logits, b["attention_mask"].bool(), b["labels"]))
     return out
+
+
+def fidelity_device(model_bytes: int, free_gpu_bytes: int | None) -> str:
+    """Where the check runs: the GPU when a 16-bit copy of the model fits in its free memory with room
+    for activations (a quarter more, plus 1 GiB), else the CPU. `free_gpu_bytes` None means no GPU."""
+    if free_gpu_bytes is not None and model_bytes * 1.25 + 2**30 < free_gpu_bytes:
+        return "cuda"
+    return "cpu"
 
 
 def compare_logits(ref, merged, name: str) -> Fidelity:
@@ -296,17 +307,19 @@ def check_fidelity(
 ) -> tuple[list[Fidelity], str]:
     """Merged model vs base+adapter (16-bit base), and vs the model as trained (quantized base + adapter)."""
     from lora_tune.config import ModelCfg
+    from lora_tune.evaluate.run import inference_precision
     from lora_tune.models import adapter_meta, load_adapter, load_model, load_tokenizer
-    from lora_tune.runtime import choose_device, choose_precision
+    from lora_tune.runtime import choose_device
 
     tok = load_tokenizer(str(adapter_dir), ModelCfg(source=str(adapter_dir)))
     examples, source = fidelity_examples(tok, adapter_meta(adapter_dir))
-    device = choose_device("auto")
-    # fp16 matmuls are poorly supported on CPUs: there the fp16 weights are up-cast (exactly) to fp32
-    load_dtype = "fp32" if device.type == "cpu" and dtype == "fp16" else dtype
-    prec16 = choose_precision(
-        "auto" if load_dtype != "fp32" else "fp32", device, load_dtype if load_dtype != "fp32" else None
-    )
+    size = sum(f.stat().st_size for f in Path(out_dir).glob("*.safetensors"))
+    free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+    device = choose_device(fidelity_device(size, free))
+    if device.type == "cpu" and free is not None:
+        log(f"fidelity check on the CPU: the {size / 2**30:.1f} GiB merged model does not fit the GPU's free memory")
+    # on a CPU, 16-bit weights are up-cast (exactly) to fp32 unless it computes bf16 fast
+    load_dtype, prec16 = inference_precision(dtype, device)
     merged, _ = load_model(ModelCfg(source=str(out_dir), quantization=load_dtype), prec16, str(out_dir))
     merged_logits = _logits(merged.eval(), examples, tok.pad_token_id)
     del merged

@@ -130,3 +130,46 @@ def test_early_stopping_on_metric_needs_a_metric():
 
     with pytest.raises(ConfigError, match="eval.metric"):
         load_config(None, ["data.train_file=x", "eval.early_stopping_on=metric"])
+
+
+class FakeCuda:
+    """Two CPU generators standing in for two GPUs' random states."""
+
+    def __init__(self, n=2, seed=0):
+        self.gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+    def is_available(self):
+        return True
+
+    def get_rng_state_all(self):
+        return [g.get_state() for g in self.gens]
+
+    def set_rng_state_all(self, states):
+        for g, s in zip(self.gens, states, strict=True):
+            g.set_state(s)
+
+    def draw(self):
+        return [torch.rand(3, generator=g) for g in self.gens]
+
+
+def test_gpu_random_states_round_trip_through_a_checkpoint_file(tmp_path):
+    from lora_tune.train.checkpoint import rng_state, set_rng_state
+
+    cuda = FakeCuda()
+    cuda.draw()
+    torch.save(rng_state(cuda), tmp_path / "rng.pt")
+    expected = cuda.draw()
+    other = FakeCuda(seed=7)  # a fresh process: the GPUs' generators start elsewhere
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), other)
+    assert all(torch.equal(a, b) for a, b in zip(other.draw(), expected, strict=True))
+
+
+def test_fewer_gpus_on_resume_restores_what_it_can(tmp_path):
+    from lora_tune.train.checkpoint import rng_state, set_rng_state
+
+    cuda = FakeCuda(n=2)
+    state = rng_state(cuda)
+    expected = cuda.draw()[0]
+    one, notes = FakeCuda(n=1, seed=9), []
+    set_rng_state(state, one, note=notes.append)
+    assert torch.equal(one.draw()[0], expected) and "2 GPU random states saved, 1 GPU(s) now" in notes[0]

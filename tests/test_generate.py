@@ -59,3 +59,22 @@ def test_the_newest_turn_is_kept_even_when_too_long(tiny_tokenizer, context):
     msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
     kept, dropped = trim_history(tiny_tokenizer, msgs, context=context, max_new_tokens=1)
     assert kept == msgs[-1:] and dropped == 1
+
+
+def test_generation_halves_the_batch_on_out_of_memory(tiny_model_dir):
+    from lora_tune.evaluate.generate import generate_texts
+
+    model, tiny_tokenizer = load_model(ModelCfg(source=str(tiny_model_dir), quantization="fp32"), CPU32)
+    prompts = [prompt_text(tiny_tokenizer, [{"role": "user", "content": f"q{i}"}]) for i in range(5)]
+    expected, _ = generate_texts(model, tiny_tokenizer, prompts, Sampling(3), batch_size=1)
+    real, sizes = model.generate, []
+
+    def small_batches_only(**kw):
+        sizes.append(kw["input_ids"].shape[0])
+        if kw["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("pretend")
+        return real(**kw)
+
+    model.generate = small_batches_only
+    texts, _ = generate_texts(model, tiny_tokenizer, prompts, Sampling(3), batch_size=8)
+    assert texts == expected and sizes[:2] == [5, 4] and max(sizes[2:]) == 2

@@ -171,3 +171,13 @@ def test_gguf_refuses_other_architectures(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(LoraTuneError, match="Llama-family"):
         export_gguf(tmp_path, tmp_path / "x.gguf")
+
+
+def test_the_fidelity_check_runs_where_the_model_fits():
+    from lora_tune.merge import fidelity_device
+
+    gib = 2**30
+    assert fidelity_device(14 * gib, None) == "cpu"  # no GPU
+    assert fidelity_device(14 * gib, 10 * gib) == "cpu"  # a 7B model in 16 bits on a 12 GB card
+    assert fidelity_device(int(0.27 * gib), 10 * gib) == "cuda"  # SmolLM2-135M fits anywhere
+    assert fidelity_device(14 * gib, 20 * gib) == "cuda"

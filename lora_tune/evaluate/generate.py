@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -46,38 +48,74 @@ def prompt_text(tok, messages: list[dict]) -> str:
 def generate_texts(
     model, tok, prompts: list[str] | list[list[int]], sampling: Sampling, batch_size: int = 8
 ) -> tuple[list[str], float]:
-    """Complete prompts (rendered text, or token ids) in left-padded batches; returns (texts, new tokens/s)."""
-    device = next(model.parameters()).device
+    """Complete prompts (rendered text, or token ids) in left-padded batches; returns (texts, new tokens/s).
+
+    A progress bar shows on a terminal. On an out-of-memory error the batch is halved and retried.
+    """
     side = tok.padding_side
     tok.padding_side = "left"  # new tokens must follow each prompt directly
     outs: list[str] = []
-    new_tokens, t0 = 0, time.perf_counter()
+    new_tokens, t0, lo = 0, time.perf_counter(), 0
     try:
-        with evaluating(model):
-            for lo in range(0, len(prompts), batch_size):
-                ids = [
-                    p if isinstance(p, list) else tok(p, add_special_tokens=False)["input_ids"]
-                    for p in prompts[lo : lo + batch_size]
-                ]
-                enc = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt")
-                enc = {k: v.to(device) for k, v in enc.items()}
-                out = model.generate(
-                    **enc,
-                    **sampling.kwargs(),
-                    use_cache=True,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=stop_ids(tok),
-                )
-                gen = out[:, enc["input_ids"].shape[1] :]
-                stops = torch.tensor(stop_ids(tok), device=gen.device)
-                for row in gen:
-                    ended = torch.isin(row, stops).nonzero()
-                    n = int(ended[0]) + 1 if len(ended) else len(row)
-                    new_tokens += n
-                    outs.append(tok.decode(row[:n], skip_special_tokens=True).strip())
+        with evaluating(model), item_progress("generating", len(prompts)) as advance:
+            while lo < len(prompts):
+                try:
+                    texts, n = _generate_batch(model, tok, prompts[lo : lo + batch_size], sampling)
+                except torch.OutOfMemoryError:
+                    if batch_size == 1:
+                        raise
+                    texts = None
+                if texts is None:  # out of memory: free the failed batch's cache (outside `except`), halve
+                    batch_size //= 2
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    continue
+                outs += texts
+                new_tokens += n
+                lo += len(texts)
+                advance(len(texts))
     finally:
         tok.padding_side = side
     return outs, new_tokens / max(time.perf_counter() - t0, 1e-9)
+
+
+def _generate_batch(model, tok, prompts, sampling: Sampling) -> tuple[list[str], int]:
+    device = next(model.parameters()).device
+    ids = [p if isinstance(p, list) else tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    enc = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+    enc = {k: v.to(device) for k, v in enc.items()}
+    out = model.generate(
+        **enc, **sampling.kwargs(), use_cache=True, pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(tok)
+    )
+    gen = out[:, enc["input_ids"].shape[1] :]
+    stops = torch.tensor(stop_ids(tok), device=gen.device)
+    texts, new_tokens = [], 0
+    for row in gen:
+        ended = torch.isin(row, stops).nonzero()
+        n = int(ended[0]) + 1 if len(ended) else len(row)
+        new_tokens += n
+        texts.append(tok.decode(row[:n], skip_special_tokens=True).strip())
+    return texts, new_tokens
+
+
+@contextmanager
+def item_progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A transient bar (done/total, elapsed, ETA) on a terminal's stderr, nothing elsewhere; yields `advance(n)`."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True)
+    columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def generate_reply(model, tok, messages: list[dict], max_new_tokens: int = 64, temperature: float = 0.0) -> str:

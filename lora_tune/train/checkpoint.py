@@ -27,24 +27,33 @@ from lora_tune.train.state import TrainState
 PREFIX = "step-"
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(cuda=torch.cuda) -> dict[str, Any]:
+    """Every random generator's state: Python's, NumPy's, torch's CPU one and each GPU's.
+
+    `cuda` is torch.cuda; tests hand in a stand-in with the same three functions over CPU generators.
+    """
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": cuda.get_rng_state_all() if cuda.is_available() else [],
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], cuda=torch.cuda, note=print) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy(), *rest))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = list(state.get("cuda") or [])
+    if saved and cuda.is_available():
+        now = len(cuda.get_rng_state_all())
+        if now != len(saved):
+            kept = min(now, len(saved))
+            note(f"note: {len(saved)} GPU random states saved, {now} GPU(s) now; restoring the first {kept}")
+        cuda.set_rng_state_all(saved[:now] + cuda.get_rng_state_all()[len(saved) :])
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lora_tune.errors import LoraTuneError
 from lora_tune.losses import real_tokens
 from lora_tune.runtime import Precision
 from lora_tune.train.objectives import Batch, Objective
@@ -73,7 +74,13 @@ def optimizer_step(parts: StepParts, micro: list[Batch], split: int = 1, log: Ca
     if parts.max_grad_norm > 0:
         parts.scaler.unscale_(parts.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(parts.params, parts.max_grad_norm))
-    parts.scaler.step(parts.optimizer)
+    try:
+        parts.scaler.step(parts.optimizer)  # the first step allocates the optimizer states
+    except torch.OutOfMemoryError:
+        raise LoraTuneError(
+            "out of memory in the optimizer step (its states are allocated on the first step); use "
+            "train.optimizer=paged_adamw_8bit or adamw_8bit, a smaller lora.r, or fewer lora.target_modules"
+        ) from None
     parts.scaler.update()
     parts.optimizer.zero_grad(set_to_none=True)
     return StepOut(
