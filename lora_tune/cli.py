@@ -391,7 +391,11 @@ def export_gguf_cmd(merged_dir, out, qtype, no_verify) -> None:
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
-@click.option("--gpu-memory", default=None, help="memory budget, e.g. 12GiB: choose settings that fit it")
+@click.option(
+    "--gpu-memory",
+    default=None,
+    help="memory budget, e.g. 12GiB (a bare number means GiB): does it fit, and what would auto-fit choose",
+)
 @click.option(
     "--device",
     default="cuda",
@@ -402,7 +406,6 @@ def export_gguf_cmd(merged_dir, out, qtype, no_verify) -> None:
 def plan(config: str, overrides: tuple[str, ...], gpu_memory: str | None, device: str) -> None:
     """Predict peak training memory from config.json alone (no weights), and fit a budget."""
     from rich.console import Console
-    from rich.table import Table
 
     from lora_tune.bench.plan import GIB, ModelShape, auto_fit, estimate, load_model_config, parse_size
     from lora_tune.config import load_config
@@ -411,12 +414,41 @@ def plan(config: str, overrides: tuple[str, ...], gpu_memory: str | None, device
     try:
         cfg = load_config(config, overrides)
         shape = ModelShape.from_config(load_model_config(cfg.model.source))
-        if gpu_memory:
-            cfg, result = auto_fit(shape, cfg, parse_size(gpu_memory), device)
-        else:
-            result = estimate(shape, cfg, device)
+        result = estimate(shape, cfg, device)
+        budget = parse_size(gpu_memory) if gpu_memory else None
     except LoraTuneError as e:
         _fail(e)
+    _plan_table(console, cfg, result)
+    if budget is None:
+        return
+    if gpu_memory.strip().replace(".", "", 1).isdigit():
+        console.print(f"(--gpu-memory {gpu_memory} read as {gpu_memory} GiB)")
+    if result.total <= budget:
+        console.print(
+            f"[green]fits[/] in {budget / GIB:.2f} GiB: {(budget - result.total) / GIB:.2f} GiB of headroom; "
+            "auto-fit would keep these settings"
+        )
+        return
+    console.print(f"[red]does not fit[/] in {budget / GIB:.2f} GiB: {(result.total - budget) / GIB:.2f} GiB over")
+    try:
+        fitted, plan = auto_fit(shape, cfg, budget, device)
+    except LoraTuneError as e:
+        _fail(e)
+    t = fitted.train
+    console.print(
+        f"auto-fit (train.auto_fit=true) would choose: micro-batch {t.micro_batch_size} x grad_accum "
+        f"{t.grad_accum}, checkpointing {'on' if t.gradient_checkpointing else 'off'}, max_length "
+        f"{fitted.data.max_length}: {plan.total / GIB:.2f} GiB, {(budget - plan.total) / GIB:.2f} GiB of headroom"
+    )
+    for note in plan.notes:
+        console.print(f"  {note}")
+
+
+def _plan_table(console, cfg, result) -> None:
+    from rich.table import Table
+
+    from lora_tune.bench.plan import GIB
+
     table = Table(
         title=f"{cfg.model.source}: {cfg.model.quantization}, LoRA r={cfg.lora.r}, micro-batch "
         f"{result.micro_batch_size} x {result.max_length} tokens, checkpointing "
@@ -428,10 +460,6 @@ def plan(config: str, overrides: tuple[str, ...], gpu_memory: str | None, device
         table.add_row(name, f"{b / GIB:.3f}")
     table.add_row("[bold]total[/]", f"[bold]{result.total / GIB:.3f}[/]")
     console.print(table)
-    for note in result.notes:
-        console.print(note)
-    if result.notes:
-        console.print(f"(effective batch kept: {result.micro_batch_size} x {cfg.train.grad_accum})")
 
 
 @main.command()

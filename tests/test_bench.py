@@ -245,3 +245,30 @@ def test_train_auto_fit_applies_the_plan(tiny_model_dir, chat_files, tmp_path):
     res = finetune(cfg)
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert res.steps == 2 and "micro_batch_size: 2" in saved and "grad_accum: 4" in saved
+
+
+def test_plan_with_a_budget_says_whether_it_fits(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from lora_tune.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{source: {tiny_model_dir}, quantization: bf16}}\ndata: {{train_file: x.jsonl}}\n")
+    big = CliRunner().invoke(main, ["plan", str(cfg), "--gpu-memory", "8", "--device", "cpu"])
+    assert big.exit_code == 0, big.output
+    assert "read as 8 GiB" in big.output and "fits in 8.00 GiB" in big.output and "headroom" in big.output
+    shape = ModelShape.from_config(json.loads((tiny_model_dir / "config.json").read_text()))
+    need = estimate(shape, load_config(cfg), "cpu").total
+    small = CliRunner().invoke(
+        main, ["plan", str(cfg), "--gpu-memory", f"{need * 0.7 / 2**20:.3f}MiB", "--device", "cpu"]
+    )
+    assert "does not fit" in small.output and "auto-fit (train.auto_fit=true) would choose" in small.output
+
+
+def test_nothing_fits_never_suggests_4bit_to_a_4bit_config(tiny_model_dir):
+    shape = ModelShape.from_config(json.loads((tiny_model_dir / "config.json").read_text()))
+    for quant, hint in (("nf4", False), ("bf16", True)):
+        cfg = load_config(None, ["data.train_file=x", f"model.quantization={quant}"])
+        with pytest.raises(LoraTuneError, match="nothing fits") as e:
+            auto_fit(shape, cfg, 1024)
+        assert ("4-bit" in str(e.value)) == hint

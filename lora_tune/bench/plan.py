@@ -207,9 +207,10 @@ def auto_fit(shape: ModelShape, cfg: RunCfg, budget: float, device: str = "cuda"
                     f"gradient_checkpointing={ckpt}, max_length={length} to fit {budget / GIB:.1f} GiB"
                 )
             return trial, plan
+    four_bit = cfg.model.quantization in ("nf4", "fp4")
     raise LoraTuneError(
         f"nothing fits in {budget / GIB:.1f} GiB, even micro-batch 1 at max_length 128 with "
-        "checkpointing; use a smaller model or 4-bit weights"
+        f"checkpointing; use a smaller model{'' if four_bit else ' or 4-bit weights (model.quantization=nf4)'}"
     )
 
 
