@@ -30,6 +30,12 @@ def _quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
     # bnb tries to fetch an optional CPU kernel from the hub at import; the built-in kernel is used instead
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if not sys.stderr.isatty():  # "Loading weights" bars redrawn into a log file are hundreds of lines
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+
+        disable_progress_bars()
+        hf_logging.disable_progress_bar()
 
 
 @main.command(context_settings={"ignore_unknown_options": False})

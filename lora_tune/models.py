@@ -71,7 +71,34 @@ def resolve_source(source: str, log=print) -> str:
         return str(path)
     if source.startswith((".", "/", "~")) or source.count("/") > 1 or path.exists():
         raise LoraTuneError(f"model path {source} does not exist; check model.source")
+    check_hub_reachable(source)
     return source  # a hub id, fetched by transformers when online
+
+
+def check_hub_reachable(repo: str, timeout: float = 5.0) -> None:
+    """Fail at once, with one clear line, when a hub model is neither cached nor reachable.
+
+    Left to itself the hub client retries five times with back-off (about 45 s of warnings) before its
+    error. In offline mode (HF_HUB_OFFLINE) or when the model is cached, nothing is asked.
+    """
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return
+    url = f"{constants.ENDPOINT.rstrip('/')}/api/models/{repo}"
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # the hub answered (a missing or gated model): transformers' own message says which
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise LoraTuneError(
+            f"model.source={repo!r} is a hub id, it is not in the local cache, and the hub at {constants.ENDPOINT} "
+            f"can't be reached ({reason}); point model.source at a local folder or builtin:smollm2-135m"
+        ) from None
 
 
 def ensure_builtin(name: str, log=print) -> Path:

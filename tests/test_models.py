@@ -158,3 +158,18 @@ def test_validation_does_not_break_qlora_gradients(tiny_model_dir):
         grads.append({n: p.grad for n, p in pm.named_parameters() if p.requires_grad})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
+
+
+def test_an_unreachable_hub_fails_at_once_with_one_line(tmp_path):
+    """No network, a hub id not in the cache: one clear error in seconds, not five retries with back-off."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path)}
+    code = "from lora_tune.models import resolve_source; resolve_source('someorg/somemodel')"
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert time.perf_counter() - t0 < 20
+    assert out.returncode != 0 and "can't be reached" in out.stderr and "Retrying" not in out.stderr

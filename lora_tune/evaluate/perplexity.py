@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from lora_tune.data.batching import BatchStream
 from lora_tune.data.tokenize import Example
+from lora_tune.evaluate.generate import item_progress
 from lora_tune.losses import evaluate_loss
 from lora_tune.runtime import evaluating
 
@@ -27,8 +28,15 @@ class Perplexity:
 def supervised_perplexity(model, examples: list[Example], pad_id: int, batch_size: int, autocast) -> Perplexity:
     """Perplexity over the supervised tokens only (the responses, with their end-of-turn tokens)."""
     stream = BatchStream(examples, batch_size, seed=0, pad_id=pad_id, shuffle=False)
-    totals = evaluate_loss(model, stream, autocast)
+    with item_progress("perplexity (batches)", len(stream)) as advance:
+        totals = evaluate_loss(model, _counted(stream, advance), autocast)
     return Perplexity(totals.loss, totals.tokens)
+
+
+def _counted(batches, advance):
+    for batch in batches:
+        yield batch
+        advance(1)
 
 
 @torch.no_grad()
@@ -63,8 +71,9 @@ def strided_nll(model, ids: list[int], window: int, stride: int, autocast) -> tu
 def strided_perplexity(model, docs: list[list[int]], window: int, stride: int, autocast) -> Perplexity:
     """Token-weighted perplexity over several documents, each scored with `strided_nll`."""
     total, count = 0.0, 0
-    with evaluating(model):
+    with evaluating(model), item_progress("perplexity (documents)", len(docs)) as advance:
         for ids in docs:
             t, c = strided_nll(model, ids, window, stride, autocast)
             total, count = total + t, count + c
+            advance(1)
     return Perplexity(total / count if count else float("nan"), count)
