@@ -57,11 +57,13 @@ def _chunk(hidden, w, target, dtype, want_grad: bool):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, dtype, rows):  # noqa: D102 - see module docstring
+    def forward(ctx, hidden, weight, target, dtype, rows, grad_enabled):  # noqa: D102 - see module docstring
         n = hidden.shape[0]
         losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
         correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
-        want_grad = ctx.needs_input_grad[0]
+        # needs_input_grad says only that `hidden` requires a gradient, even under torch.no_grad();
+        # the caller's grad mode (forward itself always runs without it) decides whether one is wanted
+        want_grad = grad_enabled and ctx.needs_input_grad[0]
         grad = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if want_grad else None
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
@@ -80,7 +82,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_losses, _grad_correct):  # noqa: D102
         (grad,) = ctx.saved_tensors
         grad_hidden = (grad.float() * grad_losses[:, None].float()).to(ctx.hidden_dtype)
-        return grad_hidden, None, None, None, None
+        return grad_hidden, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -102,4 +104,5 @@ def linear_cross_entropy_with_accuracy(
     if weight.requires_grad:
         raise ValueError("linear_cross_entropy gives no gradient to the head weight; use the plain loss")
     rows = rows or chunk_rows(weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, target, compute_dtype(hidden, weight), rows)
+    dtype = compute_dtype(hidden, weight)
+    return _LinearCrossEntropy.apply(hidden, weight, target, dtype, rows, torch.is_grad_enabled())

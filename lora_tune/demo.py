@@ -13,8 +13,62 @@ from lora_tune.evaluate.generate import Sampling, generate_reply
 from lora_tune.evaluate.run import EvalSettings, ModelSpec, load_for_inference, print_report, run_eval, write_report
 from lora_tune.finetune import finetune
 from lora_tune.train.loop import TrainResult
+from lora_tune.train.rundir import check_overwritable
 
 DEMO_PROMPT = "How much does Nimbus Notes Pro cost?"
+TRAIN_BUDGET_S = 240.0  # the demo's training should take a few minutes on every machine we have
+MIN_STEPS = 20  # fewer and the tuned answer is no longer convincing
+
+
+def demo_steps(step_seconds: float, planned: int, budget_s: float = TRAIN_BUDGET_S) -> int:
+    """Steps that fit the training budget at the measured step time: the planned ones when they fit."""
+    fits = int(budget_s // max(step_seconds, 1e-9))
+    return planned if fits >= planned else max(MIN_STEPS, fits)
+
+
+def measure_step_seconds(cfg: RunCfg) -> float:
+    """One optimizer step's mean wall time on this machine: a 4-step run of the demo config (no
+    validation), timed over its last three steps (the first pays for warm-up; batch lengths vary)."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from lora_tune.train.metrics import read_metrics
+
+    tmp = tempfile.mkdtemp(prefix="lora-tune-probe-")
+    try:
+        probe = dataclasses.replace(
+            cfg,
+            output_dir=tmp,
+            data=dataclasses.replace(cfg.data, val_file=None),
+            train=dataclasses.replace(cfg.train, max_steps=4, eval_every=0, save_every=0),
+        )
+        finetune(probe, console=Console(quiet=True))
+        times = [r["time"] for r in read_metrics(Path(tmp) / "metrics.jsonl") if "split" not in r]
+        return (times[-1] - times[0]) / (len(times) - 1)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder
+
+
+def fit_demo_to_this_machine(cfg: RunCfg, console: Console) -> RunCfg:
+    """Measure a step, print the estimate, and train fewer steps where the machine is slow."""
+    import dataclasses
+    import math
+
+    samples = sum(1 for line in Path(cfg.data.train_file).read_text().splitlines() if line.strip())
+    planned = cfg.train.max_steps or math.ceil(cfg.train.epochs * math.ceil(samples / cfg.train.micro_batch_size))
+    console.print("measuring this machine's training speed (4 steps) ...")
+    per_step = measure_step_seconds(cfg)
+    steps = demo_steps(per_step, planned)
+    console.print(
+        f"estimate: {steps} steps x {per_step:.1f} s = {steps * per_step / 60:.1f} min of training"
+        + (
+            ""
+            if steps == planned
+            else f" (this machine is slow: {steps} steps instead of {planned}, to stay in a few minutes)"
+        )
+    )
+    return cfg if steps == planned else dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
 
 
 def demo_config(output_dir: str = "runs/demo", overrides: tuple[str, ...] = ()) -> RunCfg:
@@ -36,9 +90,11 @@ def run_demo(
     """Answer a prompt, fine-tune with QLoRA, answer again; returns (result, before, after)."""
     console = console or Console(soft_wrap=True)
     cfg = demo_config(output_dir, overrides)
+    check_overwritable(Path(cfg.output_dir))  # the demo overwrites its folder: refuse a user's one now
     console.rule("[bold]lora-tune demo: QLoRA (NF4) on SmolLM2-135M-Instruct")
     before = _answer(cfg, None, DEMO_PROMPT)
     console.print(f"[bold]before tuning[/] - {DEMO_PROMPT}\n  {before}\n")
+    cfg = fit_demo_to_this_machine(cfg, console)
     result = finetune(cfg, overwrite=True, console=console)
     after = _answer(cfg, result.adapter_dir, DEMO_PROMPT)
     table = Table(title=f"Prompt: {DEMO_PROMPT}", show_lines=True)

@@ -58,12 +58,28 @@ def test_matches_plain_cross_entropy_under_bf16_autocast(dtype):
     torch.testing.assert_close(h.grad.float(), ref_grad.float(), rtol=2e-2, atol=4e-3)
 
 
+def _matmuls(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::mm")
+
+
 def test_no_gradient_work_without_grad():
-    h, w, t, _ = _case()
+    """Without autograd each chunk does one matmul (the logits); with it, two (and the gradient one)."""
+    h, w, t, _ = _case()  # 37 rows in chunks of 5: 8 chunks
     with torch.no_grad():
         losses = linear_cross_entropy(h, w, t, rows=5)
     assert not losses.requires_grad
     torch.testing.assert_close(losses, _plain(h, w, t).detach(), rtol=1e-5, atol=1e-5)
+
+    def without():
+        with torch.no_grad():
+            linear_cross_entropy(h, w, t, rows=5)
+
+    def with_grad():
+        linear_cross_entropy(h, w, t, rows=5)
+
+    assert _matmuls(with_grad) == 2 * _matmuls(without) and _matmuls(without) >= 8
 
 
 def test_refuses_a_trainable_head():

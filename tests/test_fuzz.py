@@ -61,8 +61,21 @@ def test_parse_record_never_raises(obj):
 def test_files_of_garbage_report_file_and_line(tmp_path, lines):
     """Random JSON and random bytes (invalid UTF-8 included), one per line."""
     path = tmp_path / "g.jsonl"
-    path.write_bytes(b"\n".join(line.replace(b"\n", b" ").replace(b"\r", b" ") for line in lines) + b"\n")
+    clean = [line.replace(b"\n", b" ").replace(b"\r", b" ") for line in lines]
+    path.write_bytes(b"\n".join(clean) + b"\n")
     recs, problems = read_records(path)
     for p in problems:
         head, line, _ = p.split(":", 2)
         assert head == str(path) and line.isdigit() and 1 <= int(line) <= len(lines)
+
+    def blank(raw: bytes) -> bool:
+        try:
+            return not raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return False
+
+    # every line that is not blank became a record or got a problem naming it, never both
+    with_record = {int(r.where.rsplit(":", 1)[1]) for r in recs}
+    with_problem = {int(p.split(":", 2)[1]) for p in problems}
+    assert with_record | with_problem == {i for i, raw in enumerate(clean, start=1) if not blank(raw)}
+    assert not with_record & with_problem

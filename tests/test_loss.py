@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from lora_tune.config import LoraCfg, ModelCfg, TrainCfg
@@ -18,6 +19,7 @@ from lora_tune.train.step import StepParts, optimizer_step
 from conftest import chat
 
 CPU32 = Precision(torch.device("cpu"), torch.float32, "test")
+NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)
 
 
 def _examples(tok, n=8):
@@ -50,20 +52,22 @@ def test_accumulation_equals_one_big_batch(tiny_model_dir):
     """2 micro-batches of 4 give the same gradients as 1 batch of 8, despite different lengths/padding."""
     pm, tok = _lora_model(tiny_model_dir)
     examples = _examples(tok, 8)
-    grads = []
-    for mb, accum in ((8, 1), (4, 2), (2, 4)):
+    updates, losses = [], []
+    for mb, accum, split in ((8, 1, 1), (4, 2, 1), (2, 4, 1), (8, 1, 4)):  # the last: 8 rows run as 4 pieces
         model = copy.deepcopy(pm)
         params = [p for p in model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        # plain SGD with lr 1 and no clipping: the update is minus the accumulated gradient
+        parts = StepParts(model, SFT(), torch.optim.SGD(params, lr=1.0), NO_SCALER, params, CPU32, 0.0)
         stream = BatchStream(examples, mb, seed=0, pad_id=tok.pad_token_id, shuffle=False)
-        micro = [stream.next() for _ in range(accum)]
-        n_total = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-        for b in micro:
-            loss, _ = supervised_loss_sum(model, b)
-            (loss / n_total).backward()
-        grads.append([p.grad.clone() for p in params])
-    for other in grads[1:]:
-        for a, b in zip(grads[0], other, strict=True):
+        out = optimizer_step(parts, [stream.next() for _ in range(accum)], split=split)
+        assert out.units == sum(e.n_supervised for e in examples)
+        updates.append([b - p.detach() for b, p in zip(before, params, strict=True)])
+        losses.append(out.loss)
+    for other in updates[1:]:
+        for a, b in zip(updates[0], other, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert losses == pytest.approx([losses[0]] * len(losses), rel=1e-5)
 
 
 def test_a_step_changes_only_adapter_weights(tiny_model_dir):

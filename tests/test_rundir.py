@@ -34,7 +34,6 @@ def test_demo_into_the_current_folder_deletes_nothing(tmp_path, monkeypatch):
 
     (tmp_path / "thesis.tex").write_text("years of work")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("lora_tune.demo._answer", lambda *a: "(skipped)")  # no model load needed to refuse
     r = CliRunner().invoke(main, ["demo", "--output-dir", "."])
     assert r.exit_code != 0 and "not a lora_tune run folder" in r.output
     assert (tmp_path / "thesis.tex").read_text() == "years of work"
@@ -81,3 +80,11 @@ def test_a_stale_lock_is_taken_over_with_a_note(tiny_model_dir, chat_files, tmp_
     console = Console(record=True, width=200)
     assert train(_cfg(tiny_model_dir, chat_files, out), console=console).steps == 2
     assert "taking over the lock of a run that is no longer running (pid=4194999" in console.export_text()
+
+
+def test_demo_steps_fit_the_budget():
+    from lora_tune.demo import MIN_STEPS, demo_steps
+
+    assert demo_steps(2.0, 60, budget_s=240) == 60  # fits: unchanged
+    assert demo_steps(8.0, 60, budget_s=240) == 30  # a slow machine trains fewer steps
+    assert demo_steps(60.0, 60, budget_s=240) == MIN_STEPS  # never fewer than makes the point

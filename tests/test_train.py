@@ -66,14 +66,26 @@ def test_saved_adapter_reproduces_trained_model(tiny_model_dir, chat_files, tmp_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "run"
-    train(_cfg(tiny_model_dir, chat_files, out))
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    from lora_tune.train.hooks import Hook
+
     x = torch.tensor([[1, 5, 9, 30, 44, 2]])
+
+    class Capture(Hook):  # the logits of the model as it is in memory when training ends
+        def on_end(self, run):
+            model = run.parts.model
+            model.eval()
+            with torch.no_grad():
+                self.logits = model(input_ids=x).logits.clone()
+            model.train()
+
+    out, capture = tmp_path / "run", Capture()
+    train(_cfg(tiny_model_dir, chat_files, out), hooks=[capture])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with torch.no_grad():
         ref = base(x).logits.clone()
         tuned = PeftModel.from_pretrained(base, out / "adapter").eval()(x).logits
     assert not torch.allclose(ref, tuned)  # the adapter is not a no-op
+    torch.testing.assert_close(tuned, capture.logits, rtol=1e-5, atol=1e-5)  # and it is the trained model
 
 
 def test_existing_run_needs_resume_or_overwrite(tiny_model_dir, chat_files, tmp_path):

@@ -59,21 +59,22 @@ def run_lock(run_dir: Path, note: Callable[[str], None] = print) -> Iterator[Non
             os.close(fd)
 
 
-def clear_run_dir(run_dir: Path) -> None:
-    """Empty a lora_tune run folder for `--overwrite` (keeping the folder and the lock we hold).
-
-    Refuses a folder that is not a lora_tune run, naming it: it may hold the user's own files.
-    """
+def check_overwritable(run_dir: Path) -> list[Path]:
+    """What `--overwrite` would delete in `run_dir`; refuses, naming it, a folder that is not a lora_tune run
+    (it may hold the user's own files)."""
     run_dir = Path(run_dir)
     entries = [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() else []
-    if not entries:
-        return
-    if not is_run_dir(run_dir):
+    if entries and not is_run_dir(run_dir):
         raise LoraTuneError(
             f"refusing to overwrite {run_dir.resolve()}: it is not a lora_tune run folder (no config.yaml with "
             "metrics.jsonl or checkpoints/), so its files may be yours. Set output_dir to a new or empty folder"
         )
-    for p in entries:
+    return entries
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Empty a lora_tune run folder for `--overwrite` (keeping the folder and the lock we hold)."""
+    for p in check_overwritable(run_dir):
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:
