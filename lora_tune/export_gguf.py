@@ -47,6 +47,9 @@ class GgufReport:
     max_abs_logit_diff: float | None = None
     mean_kl: float | None = None
     tokenizer_roundtrip: bool | None = None
+    worst_tensor: str | None = None  # the tensor furthest from the HF weights (relative L2 error)
+    worst_tensor_error: float | None = None
+    logits_checked: bool = False  # the short logits check runs only where two fp32 copies fit in RAM
 
 
 def gguf_name(hf_name: str) -> str:
@@ -77,7 +80,20 @@ def _tokenizer_pre(tok) -> str:
     return "default"
 
 
-def _write_tokenizer(writer, tok, model_dir: Path, generation_eos: list[int]) -> None:
+def end_of_turn_token(tok) -> str | None:
+    """The token the chat template ends an assistant turn with (`<|im_end|>`, `<|eot_id|>`, ...), else EOS.
+
+    llama.cpp stops at the GGUF's EOS/EOT: written as the lowest stop id (`<|endoftext|>` for SmolLM2,
+    `<|eom_id|>` for Llama 3) the exported model never stops talking in a chat.
+    """
+    from lora_tune.data.templates import END_OF_TURN
+
+    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
+    vocab = tok.get_vocab()
+    return next((t for t in END_OF_TURN if t in template and t in vocab), tok.eos_token)
+
+
+def _write_tokenizer(writer, tok, model_dir: Path) -> None:
     import gguf
 
     data = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
@@ -106,7 +122,10 @@ def _write_tokenizer(writer, tok, model_dir: Path, generation_eos: list[int]) ->
     writer.add_token_merges(merges)
     if tok.bos_token_id is not None:
         writer.add_bos_token_id(tok.bos_token_id)
-    writer.add_eos_token_id(generation_eos[0] if generation_eos else tok.eos_token_id)
+    eot = end_of_turn_token(tok)
+    if eot is not None:
+        writer.add_eos_token_id(vocab[eot])
+        writer.add_eot_token_id(vocab[eot])
     if tok.pad_token_id is not None:
         writer.add_pad_token_id(tok.pad_token_id)
     if tok.unk_token_id is not None:
@@ -136,9 +155,6 @@ def export_gguf(
     if qtype not in ("f16", "q8_0"):
         raise LoraTuneError("--type must be f16 or q8_0")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    gen_path = model_dir / "generation_config.json"
-    eos = json.loads(gen_path.read_text()).get("eos_token_id", []) if gen_path.is_file() else []
-    eos = eos if isinstance(eos, list) else [eos]
     n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
     rope = cfg.get("rope_parameters") or {}
@@ -146,7 +162,7 @@ def export_gguf(
         raise LoraTuneError("GGUF export does not handle scaled rotary embeddings (rope_scaling) yet")
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    tmp = out_file.with_name(f".{out_file.stem}.partial.gguf")  # ends in .gguf: the readers want it
     writer = gguf.GGUFWriter(str(tmp), arch="llama")
     writer.add_name(model_dir.name)
     writer.add_context_length(cfg["max_position_embeddings"])
@@ -160,7 +176,7 @@ def export_gguf(
     writer.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
     writer.add_vocab_size(cfg["vocab_size"])
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if qtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
-    _write_tokenizer(writer, tok, model_dir, eos)
+    _write_tokenizer(writer, tok, model_dir)
 
     count = 0
     _, files = base_files(str(model_dir))
@@ -187,26 +203,98 @@ def export_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    os.replace(tmp, out_file)
-    report = GgufReport(str(out_file), qtype, count, out_file.stat().st_size / 2**20)
-    log(f"wrote {out_file} ({qtype}, {count} tensors, {report.size_mb:,.0f} MB)")
+    report = GgufReport(str(out_file), qtype, count, tmp.stat().st_size / 2**20)
+    log(f"wrote {tmp.name} ({qtype}, {count} tensors, {report.size_mb:,.0f} MB)")
     if verify:
-        verify_gguf(model_dir, out_file, report, log)
+        try:  # verified under its temporary name: a refused file never stands at the destination
+            verify_gguf(model_dir, tmp, report, log)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    os.replace(tmp, out_file)
+    if verify:
         out_file.with_suffix(".json").write_text(json.dumps(asdict(report), indent=2))
     return report
 
 
+# f16 rounds to ~5e-4 relative; q8_0 (one scale per 32 weights) to ~1e-2
+TENSOR_TOLERANCE = {"f16": 2e-3, "q8_0": 3e-2}
+LOGITS_CHECK_MAX_BYTES = 4 * 2**30  # fp32 size of a model up to which both copies are loaded for logits
+
+
 @torch.no_grad()
 def verify_gguf(model_dir: Path, gguf_file: Path, report: GgufReport, log=print) -> GgufReport:
-    """Load the file back with transformers' GGUF loader; compare tokens and logits with the HF folder."""
-    import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    """Read the file back and compare it with the HF folder: the tokenizer, every tensor one at a time
+    (memory-mapped, so a 7B model needs one tensor's RAM, not two fp32 copies), and, for models small
+    enough, the logits of a short text through transformers' GGUF loader."""
+    from transformers import AutoTokenizer
 
-    text = tok_text = "The capital of France is Paris. Café, naïve, 東京, 123 + 456 = 579!"
+    text = "The capital of France is Paris. Café, naïve, 東京, 123 + 456 = 579!"
     hf_tok = AutoTokenizer.from_pretrained(model_dir)
     g_tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    ids = hf_tok(tok_text, add_special_tokens=False)["input_ids"]
+    ids = hf_tok(text, add_special_tokens=False)["input_ids"]
     report.tokenizer_roundtrip = ids == g_tok(text, add_special_tokens=False)["input_ids"]
+    report.worst_tensor, report.worst_tensor_error, fp32_bytes = _compare_tensors(model_dir, gguf_file)
+    if fp32_bytes <= LOGITS_CHECK_MAX_BYTES:
+        _compare_logits(model_dir, gguf_file, ids, report)
+    same_tokens = "identical" if report.tokenizer_roundtrip else "DIFFERS"
+    log(
+        f"verified {gguf_file.name} against {model_dir}: tokenizer {same_tokens}"
+        f", worst tensor {report.worst_tensor} (relative error {report.worst_tensor_error:.1e})"
+        + (
+            f", max |dlogit| {report.max_abs_logit_diff:.4f}, mean KL {report.mean_kl:.2e}"
+            if report.logits_checked
+            else ""
+        )
+    )
+    bad_kl = report.logits_checked and (not math.isfinite(report.mean_kl) or report.mean_kl > 1e-2)
+    if not report.tokenizer_roundtrip or report.worst_tensor_error > TENSOR_TOLERANCE[report.type] or bad_kl:
+        raise LoraTuneError(
+            f"{gguf_file} does not reproduce {model_dir} (tokenizer {same_tokens.lower()}, "
+            f"{report.worst_tensor} off by {report.worst_tensor_error:.1e}"
+            + (f", KL {report.mean_kl:.2e}" if report.logits_checked else "")
+            + "); do not ship it"
+        )
+    return report
+
+
+def _compare_tensors(model_dir: Path, gguf_file: Path) -> tuple[str, float, int]:
+    """(worst tensor, its relative L2 error, the model's fp32 bytes), one tensor in memory at a time."""
+    import gguf
+    from safetensors import safe_open
+
+    from lora_tune.merge import base_files
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    n_head = cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads", n_head)
+    written = {t.name: t for t in gguf.GGUFReader(str(gguf_file)).tensors}
+    worst, worst_err, total = "", 0.0, 0
+    for file in base_files(str(model_dir))[1]:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118
+                w = f.get_tensor(name).float()
+                total += w.numel() * 4
+                if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+                    continue
+                if name.endswith("self_attn.q_proj.weight"):
+                    w = permute_rotary(w, n_head)
+                elif name.endswith("self_attn.k_proj.weight"):
+                    w = permute_rotary(w, n_kv)
+                t = written.get(gguf_name(name))
+                if t is None:
+                    return gguf_name(name) + " (missing)", float("inf"), total
+                got = torch.from_numpy(np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+                err = float((got.reshape(w.shape) - w).norm() / w.norm().clamp_min(1e-12))
+                if err > worst_err:
+                    worst, worst_err = gguf_name(name), err
+    return worst, worst_err, total
+
+
+def _compare_logits(model_dir: Path, gguf_file: Path, ids: list[int], report: GgufReport) -> None:
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, GgufConfig
+
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     got = AutoModelForCausalLM.from_pretrained(
         gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
@@ -216,13 +304,4 @@ def verify_gguf(model_dir: Path, gguf_file: Path, report: GgufReport, log=print)
     report.max_abs_logit_diff = float((a - b).abs().max())
     pa, pb = F.log_softmax(a, -1), F.log_softmax(b, -1)
     report.mean_kl = max(float((pa.exp() * (pa - pb)).sum(-1).mean()), 0.0)  # >= 0 up to float rounding
-    log(
-        f"verified {gguf_file.name} against {model_dir}: max |dlogit| {report.max_abs_logit_diff:.4f}, "
-        f"mean KL {report.mean_kl:.2e}, tokenizer {'identical' if report.tokenizer_roundtrip else 'DIFFERS'}"
-    )
-    if not report.tokenizer_roundtrip or not math.isfinite(report.mean_kl) or report.mean_kl > 1e-2:
-        raise LoraTuneError(
-            f"{gguf_file} does not reproduce {model_dir} (KL {report.mean_kl:.2e}, tokenizer "
-            f"{'ok' if report.tokenizer_roundtrip else 'differs'}); do not ship it"
-        )
-    return report
+    report.logits_checked = True

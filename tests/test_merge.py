@@ -181,3 +181,64 @@ def test_the_fidelity_check_runs_where_the_model_fits():
     assert fidelity_device(14 * gib, 10 * gib) == "cpu"  # a 7B model in 16 bits on a 12 GB card
     assert fidelity_device(int(0.27 * gib), 10 * gib) == "cuda"  # SmolLM2-135M fits anywhere
     assert fidelity_device(14 * gib, 20 * gib) == "cuda"
+
+
+def _gguf_field(path, key):
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields[key]
+    return field.parts[field.data[0]].tolist()[0]
+
+
+def test_gguf_eos_is_the_chat_templates_end_of_turn(tiny_model_dir, tmp_path):
+    """Not the lowest stop id: a tokenizer whose EOS is <|endoftext|> but whose template ends turns with
+    <|im_end|> must be exported with <|im_end|> as EOS and EOT, or llama.cpp never stops."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from lora_tune.export_gguf import export_gguf
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.eos_token = "<|endoftext|>"
+    tok.save_pretrained(model)
+    out = tmp_path / "m.gguf"
+    export_gguf(model, out, verify=False, log=lambda *_: None)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert _gguf_field(out, "tokenizer.ggml.eos_token_id") == im_end
+    assert _gguf_field(out, "tokenizer.ggml.eot_token_id") == im_end
+
+
+def test_a_gguf_that_fails_verification_never_reaches_the_destination(tiny_model_dir, tmp_path, monkeypatch):
+    from lora_tune import export_gguf as eg
+    from lora_tune.errors import LoraTuneError
+
+    def refuse(*a, **kw):
+        raise LoraTuneError("does not reproduce")
+
+    monkeypatch.setattr(eg, "verify_gguf", refuse)
+    with pytest.raises(LoraTuneError, match="does not reproduce"):
+        eg.export_gguf(tiny_model_dir, tmp_path / "m.gguf", log=lambda *_: None)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary copy is left
+
+
+def test_gguf_verification_compares_every_tensor_without_logits_for_big_models(tiny_model_dir, tmp_path, monkeypatch):
+    """Above the logits-check size only the tensor-by-tensor comparison runs; a corrupted tensor is caught."""
+    import gguf
+    import numpy as np
+
+    from lora_tune import export_gguf as eg
+    from lora_tune.errors import LoraTuneError
+
+    monkeypatch.setattr(eg, "LOGITS_CHECK_MAX_BYTES", 0)  # as if the model were too big for two fp32 copies
+    rep = eg.export_gguf(tiny_model_dir, tmp_path / "m.gguf", "f16", log=lambda *_: None)
+    assert not rep.logits_checked and rep.worst_tensor_error < eg.TENSOR_TOLERANCE["f16"]
+    # damage one tensor of the written file in place, then verify again
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"), "r+")
+    target = next(t for t in reader.tensors if t.name == "blk.1.ffn_up.weight")
+    target.data[:] = np.float16(0.5)
+    reader.data.flush()
+    with pytest.raises(LoraTuneError, match="blk.1.ffn_up.weight off by"):
+        eg.verify_gguf(tiny_model_dir, tmp_path / "m.gguf", eg.GgufReport(str(tmp_path / "m.gguf"), "f16", 0, 0.0))
