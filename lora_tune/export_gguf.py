@@ -69,6 +69,41 @@ def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def rope_parameters(cfg: dict) -> dict:
+    """The rotary settings of a config.json: transformers 5's `rope_parameters`, or the older `rope_scaling`
+    with `rope_theta` beside it."""
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
+    return rope
+
+
+def llama3_rope_factors(cfg: dict) -> torch.Tensor:
+    """llama.cpp's `rope_freqs` for Llama 3.1/3.2 rotary scaling: per frequency, the divisor that turns
+    the plain rotary frequency into the scaled one (1 for high frequencies, `factor` for low ones,
+    smoothly in between), as llama.cpp's converter computes it."""
+    rope = rope_parameters(cfg)
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    freqs = 1.0 / (float(rope["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    factor, low, high = (
+        float(rope.get("factor", 8.0)),
+        rope.get("low_freq_factor", 1.0),
+        rope.get("high_freq_factor", 4.0),
+    )
+    old_len = rope.get("original_max_position_embeddings", 8192)
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_len / high:
+            out.append(1.0)
+        elif wavelen > old_len / low:
+            out.append(factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
 def _tokenizer_pre(tok) -> str:
     vocab = tok.get_vocab()
     if "<|begin_of_text|>" in vocab:
@@ -157,9 +192,11 @@ def export_gguf(
     tok = AutoTokenizer.from_pretrained(model_dir)
     n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
-    rope = cfg.get("rope_parameters") or {}
-    if (rope.get("rope_type") or (cfg.get("rope_scaling") or {}).get("rope_type") or "default") != "default":
-        raise LoraTuneError("GGUF export does not handle scaled rotary embeddings (rope_scaling) yet")
+    rope = rope_parameters(cfg)
+    if rope["rope_type"] not in ("default", "llama3"):
+        raise LoraTuneError(
+            f"GGUF export handles plain rotary embeddings and Llama 3.1/3.2 scaling (llama3), not {rope['rope_type']}"
+        )
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".{out_file.stem}.partial.gguf")  # ends in .gguf: the readers want it
@@ -172,13 +209,16 @@ def export_gguf(
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
     writer.add_vocab_size(cfg["vocab_size"])
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if qtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
     _write_tokenizer(writer, tok, model_dir)
 
     count = 0
+    if rope["rope_type"] == "llama3":  # llama.cpp reads the scaling as this tensor of frequency divisors
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg).numpy())
+        count += 1
     _, files = base_files(str(model_dir))
     for file in files:
         with safe_open(str(file), framework="pt") as f:
@@ -270,6 +310,10 @@ def _compare_tensors(model_dir: Path, gguf_file: Path) -> tuple[str, float, int]
     n_kv = cfg.get("num_key_value_heads", n_head)
     written = {t.name: t for t in gguf.GGUFReader(str(gguf_file)).tensors}
     worst, worst_err, total = "", 0.0, 0
+    if rope_parameters(cfg)["rope_type"] == "llama3":
+        expected = _transformers_rope_divisors(model_dir)
+        got = torch.from_numpy(np.asarray(written["rope_freqs.weight"].data, dtype=np.float32))
+        worst, worst_err = "rope_freqs.weight", float((got - expected).norm() / expected.norm())
     for file in base_files(str(model_dir))[1]:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118
@@ -291,6 +335,19 @@ def _compare_tensors(model_dir: Path, gguf_file: Path) -> tuple[str, float, int]
     return worst, worst_err, total
 
 
+def _transformers_rope_divisors(model_dir: Path) -> torch.Tensor:
+    """Plain over scaled rotary frequencies, from transformers' own llama3 implementation (a check of ours)."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = AutoConfig.from_pretrained(model_dir)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))
+    cfg = json.loads((model_dir / "config.json").read_text())
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    plain = 1.0 / (float(rope_parameters(cfg)["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    return (plain / scaled.float()).float()
+
+
 def _compare_logits(model_dir: Path, gguf_file: Path, ids: list[int], report: GgufReport) -> None:
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, GgufConfig
@@ -299,6 +356,10 @@ def _compare_logits(model_dir: Path, gguf_file: Path, ids: list[int], report: Gg
     got = AutoModelForCausalLM.from_pretrained(
         gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
     ).eval()
+    if rope_parameters(ref.config.to_dict())["rope_type"] != "default":
+        # transformers' GGUF reader ignores rope_freqs (checked above against transformers' own llama3
+        # frequencies): compare the weights through the same rotary embedding
+        got.model.rotary_emb = ref.model.rotary_emb
     x = torch.tensor([ids])
     a, b = ref(x).logits.float(), got(x).logits.float()
     report.max_abs_logit_diff = float((a - b).abs().max())

@@ -242,3 +242,28 @@ def test_gguf_verification_compares_every_tensor_without_logits_for_big_models(t
     reader.data.flush()
     with pytest.raises(LoraTuneError, match="blk.1.ffn_up.weight off by"):
         eg.verify_gguf(tiny_model_dir, tmp_path / "m.gguf", eg.GgufReport(str(tmp_path / "m.gguf"), "f16", 0, 0.0))
+
+
+@pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling"])
+def test_gguf_of_a_llama_31_style_rope_scaling(tiny_model_dir, tmp_path, key):
+    """Llama 3.1/3.2 (rope_type llama3) exports with llama.cpp's rope_freqs, checked against transformers'
+    own llama3 frequencies, and the weights' logits still match."""
+    import shutil
+
+    import gguf
+
+    from lora_tune.export_gguf import export_gguf
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    scaling["original_max_position_embeddings"] = 64
+    cfg[key] = {**scaling, "rope_theta": 10000.0} if key == "rope_parameters" else scaling
+    (model / "config.json").write_text(json.dumps(cfg))
+    rep = export_gguf(model, tmp_path / "m.gguf", "f16", log=lambda *_: None)
+    assert rep.logits_checked and rep.mean_kl < 1e-5 and rep.tensors == 2 * 9 + 3 + 1
+    freqs = next(t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors if t.name == "rope_freqs.weight")
+    values = freqs.data.tolist()
+    assert values[0] == 1.0 and values[-1] == 8.0 and values == sorted(values)  # high frequencies kept, low ones /8
