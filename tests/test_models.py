@@ -12,7 +12,7 @@ from lora_tune.models import (
     prepare_for_training,
     resolve_source,
 )
-from lora_tune.runtime import Precision, choose_precision
+from lora_tune.runtime import Precision, choose_precision, cpu_bf16_flag
 
 CPU32 = Precision(torch.device("cpu"), torch.float32, "test")
 CPU16 = Precision(torch.device("cpu"), torch.bfloat16, "test")
@@ -123,7 +123,14 @@ def test_precision_choices():
     assert choose_precision("fp32", cpu).dtype is torch.float32
     assert choose_precision("auto", cpu, weight_dtype="bf16").dtype is torch.bfloat16
     auto = choose_precision("auto", cpu)
-    assert auto.dtype in (torch.float32, torch.bfloat16) and "measured" in auto.reason
+    flag = cpu_bf16_flag()  # decided by this CPU's bf16 instructions where it lists its features
+    if flag:
+        assert auto.dtype is torch.bfloat16 and flag in auto.reason
+    elif flag is False:
+        assert auto.dtype is torch.float32 and "no bf16 instructions" in auto.reason
+    else:
+        assert auto.dtype in (torch.float32, torch.bfloat16) and "measured" in auto.reason
+    assert choose_precision("auto", cpu, saved="fp32").dtype is torch.float32  # a resumed run keeps its choice
     with pytest.raises(LoraTuneError, match="fp16"):
         choose_precision("fp16", cpu)
     with pytest.raises(LoraTuneError, match="does not match"):
