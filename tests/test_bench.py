@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lora_tune.bench.plan import GIB, ModelShape, auto_fit, estimate, parse_size, quant4_bytes_per_param
+from lora_tune.bench.plan import GIB, ModelShape, auto_fit, estimate, parse_size
 from lora_tune.config import load_config
 from lora_tune.errors import LoraTuneError
 
@@ -30,9 +30,34 @@ def test_shape_counts_llama_8b_parameters():
     assert total == pytest.approx(8.03e9, rel=0.01)  # Llama-3-8B has 8.03 B parameters
 
 
-def test_nf4_bytes_per_param():
-    assert quant4_bytes_per_param(True) == pytest.approx(0.516, abs=0.001)
-    assert quant4_bytes_per_param(False) == pytest.approx(0.5625)
+@pytest.mark.parametrize("quantization, double", [("nf4", True), ("nf4", False), ("int8", True), ("bf16", True)])
+def test_weight_parts_equal_the_bytes_of_a_loaded_model(tiny_model_dir, quantization, double):
+    """The planner's weight parts against the tensors (and bitsandbytes' quantization constants) of the
+    tiny model as loaded, not against the planner's own formula."""
+    from lora_tune.bench.memory import _tensor_bytes
+    from lora_tune.config import ModelCfg
+    from lora_tune.models import load_model
+    from lora_tune.runtime import Precision
+
+    model, _ = load_model(
+        ModelCfg(source=str(tiny_model_dir), quantization=quantization, double_quant=double),
+        Precision(torch.device("cpu"), torch.bfloat16, "test"),
+    )
+    linear, other = [], []
+    for name, p in model.named_parameters():
+        is_linear = name.endswith("proj.weight")
+        (linear if is_linear else other).append(p)
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            nested = qs.state2 if qs.nested else None
+            linear += [qs.absmax, qs.code] + ([nested.absmax, nested.code] if nested is not None else [])
+        if getattr(p, "SCB", None) is not None:  # int8's per-row scales
+            linear.append(p.SCB)
+    over = [f"model.quantization={quantization}", f"model.double_quant={double}", "train.precision=bf16"]
+    cfg = load_config(None, ["data.train_file=x", *over])
+    plan = estimate(ModelShape.from_config(json.loads((tiny_model_dir / "config.json").read_text())), cfg, "cpu")
+    assert plan.parts["base weights (linear layers)"] == _tensor_bytes(linear)  # to the byte
+    assert plan.parts["embeddings, LM head, norms"] == pytest.approx(_tensor_bytes(other), rel=1e-3)
 
 
 def test_estimate_parts_follow_the_settings():
@@ -41,8 +66,6 @@ def test_estimate_parts_follow_the_settings():
         None, ["data.train_file=x", "model.quantization=nf4", "data.max_length=1024", "train.micro_batch_size=1"]
     )
     plan = estimate(shape, base)
-    assert plan.parts["base weights (linear layers)"] == pytest.approx(6.98e9 * 0.516, rel=0.01)  # 6.98 B linear params
-    assert plan.parts["embeddings, LM head, norms"] == pytest.approx(2 * 128256 * 4096 * 2 + 4096 * 65 * 2)
     no_ckpt = estimate(
         shape,
         load_config(

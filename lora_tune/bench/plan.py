@@ -34,9 +34,21 @@ WEIGHT_BYTES = {"nf4": None, "fp4": None, "int8": 1.0, "bf16": 2.0, "fp16": 2.0,
 CUDA_OVERHEAD = 0.6 * GIB  # CUDA context + cuBLAS workspace + allocator slack, seen on recent GPUs
 
 
-def quant4_bytes_per_param(double_quant: bool, blocksize: int = 64) -> float:
-    constants = (1 + 4 / 256) / blocksize if double_quant else 4 / blocksize
-    return 0.5 + constants
+def linear_tensor_bytes(n_in: int, n_out: int, quantization: str, double_quant: bool = True) -> int:
+    """Bytes of one linear weight as bitsandbytes (or torch) stores it.
+
+    4-bit: two weights a byte; one absmax per block of 64, fp32, or with double quantization 8-bit plus
+    one fp32 per 256 of those and a 256-entry fp32 code table; the 16-entry fp32 NF4/FP4 table. int8:
+    one byte a weight and an fp32 scale per output row.
+    """
+    n = n_in * n_out
+    if quantization in ("nf4", "fp4"):
+        blocks = math.ceil(n / 64)
+        absmax = blocks + 4 * math.ceil(blocks / 256) + 256 * 4 if double_quant else 4 * blocks
+        return math.ceil(n / 2) + absmax + 16 * 4
+    if quantization == "int8":
+        return n + 4 * n_out
+    return n * int(WEIGHT_BYTES[quantization])
 
 
 @dataclass
@@ -134,10 +146,10 @@ def estimate(shape: ModelShape, cfg: RunCfg, device: str = "cuda", supervised_fr
     m, lo, t = cfg.model, cfg.lora, cfg.train
     act_bytes = 4.0 if t.precision == "fp32" or (m.quantization == "fp32" and device == "cpu") else 2.0
     q = m.quantization
-    per = quant4_bytes_per_param(m.double_quant) if q in ("nf4", "fp4") else WEIGHT_BYTES[q]
     unquant_bytes = WEIGHT_BYTES[q] if q in ("bf16", "fp16", "fp32") else act_bytes
     parts: dict[str, float] = {}
-    parts["base weights (linear layers)"] = shape.linear_params() * per
+    per_layer = sum(linear_tensor_bytes(a, b, q, m.double_quant) for a, b in shape.linears().values())
+    parts["base weights (linear layers)"] = float(shape.layers * per_layer)
     parts["embeddings, LM head, norms"] = (shape.embedding_params() + shape.norm_params()) * unquant_bytes
     linears = shape.linears()
     targets = set(linears) if lo.target_modules == "all-linear" else set(lo.target_modules) & set(linears)
