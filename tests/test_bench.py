@@ -130,6 +130,9 @@ def test_out_of_memory_halves_micro_batches_and_keeps_the_math(tiny_model_dir, c
     train(tiny_config(tiny_model_dir, train_file, val_file, tmp_path / "b", **args, **{"train.save_every": 0}))
     # the recovered first step is checkpointed at once (otherwise only the final step would be)
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-000001", "step-000004"]
+    # with the halved layout, which a resume restores
+    saved = json.loads((tmp_path / "b" / "checkpoints" / "step-000001" / "state.json").read_text())
+    assert saved["split"] == 4  # micro-batches of 4 rows as pieces of 1
 
     def losses(run):
         return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r.get("split", "train") == "train"]

@@ -12,6 +12,7 @@ import torch
 from lora_tune.data.batching import collate
 from lora_tune.data.formats import Record
 from lora_tune.data.tokenize import Example, encode_messages, encode_prompt_completion
+from lora_tune.evaluate.generate import item_progress
 from lora_tune.losses import token_losses
 from lora_tune.runtime import evaluating
 
@@ -29,13 +30,15 @@ def candidate(tok, rec: Record, label: str, template: str | None = None) -> Exam
 def sequence_logprobs(model, examples: list[Example], pad_id: int, autocast, batch_size: int = 16) -> list[float]:
     """Summed log-probability of each example's supervised tokens."""
     out: list[float] = []
-    for lo in range(0, len(examples), batch_size):
-        batch = collate(examples[lo : lo + batch_size], pad_id)
-        with autocast():
-            losses, keep = token_losses(model, batch)
-        rows = keep.nonzero()[:, 0]
-        sums = torch.zeros(keep.shape[0], device=losses.device).index_add_(0, rows, losses)
-        out.extend((-sums).tolist())
+    with item_progress("scoring labels", len(examples)) as advance:
+        for lo in range(0, len(examples), batch_size):
+            batch = collate(examples[lo : lo + batch_size], pad_id)
+            with autocast():
+                losses, keep = token_losses(model, batch)
+            rows = keep.nonzero()[:, 0]
+            sums = torch.zeros(keep.shape[0], device=losses.device).index_add_(0, rows, losses)
+            out.extend((-sums).tolist())
+            advance(len(batch["input_ids"]))
     return out
 
 
