@@ -256,6 +256,6 @@ def test_assistant_mask_on_real_templates(multi_tok, name):
     ex = encode_messages(multi_tok, msgs, template=REAL_TEMPLATES[name])
     end = END[name]
     got = sup(multi_tok, ex)
-    assert got.replace(" ", "") == f"hi,howareyou?{end}goodtohear.{end}".replace(" ", ""), got
+    assert got == f"hi, how are you?{end}good to hear.{end}", got
     rendered = multi_tok.decode(ex.input_ids)
     assert "hello there" in rendered and "fine" in rendered
