@@ -1,7 +1,8 @@
-"""Writes that never leave a half-written file or folder behind."""
+"""Files: writes that never leave a half-written file or folder behind, and content hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -36,3 +37,12 @@ def replace_dir(finished: Path, target: Path) -> Path:
     else:
         os.replace(finished, target)
     return target
+
+
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of a file's content (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -12,8 +12,8 @@ import torch
 from lora_tune.data.batching import collate
 from lora_tune.data.formats import Record
 from lora_tune.data.tokenize import Example, encode_messages, encode_prompt_completion
-from lora_tune.evaluate.generate import item_progress
 from lora_tune.losses import token_losses
+from lora_tune.progress import item_progress
 from lora_tune.runtime import evaluating
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from lora_tune.data.templates import end_markers
+from lora_tune.progress import item_progress
 from lora_tune.runtime import evaluating
 
 
@@ -96,26 +95,6 @@ def _generate_batch(model, tok, prompts, sampling: Sampling) -> tuple[list[str],
         new_tokens += n
         texts.append(tok.decode(row[:n], skip_special_tokens=True).strip())
     return texts, new_tokens
-
-
-@contextmanager
-def item_progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A transient bar (done/total, elapsed, ETA) on a terminal's stderr, nothing elsewhere; yields `advance(n)`."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    console = Console(stderr=True)
-    columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task(what, total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 def generate_reply(model, tok, messages: list[dict], max_new_tokens: int = 64, temperature: float = 0.0) -> str:

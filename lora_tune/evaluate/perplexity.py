@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from lora_tune.data.batching import BatchStream
 from lora_tune.data.tokenize import Example
-from lora_tune.evaluate.generate import item_progress
 from lora_tune.losses import evaluate_loss
+from lora_tune.progress import item_progress
 from lora_tune.runtime import evaluating
 
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_tune.atomic import atomic_write_text
+from lora_tune.atomic import atomic_write_text, sha256_of
 from lora_tune.recipes import support_data
-from lora_tune.recipes.sources import SOURCES, fetch, sha256_of
+from lora_tune.recipes.sources import SOURCES, fetch
 
 
 @dataclass

@@ -7,7 +7,6 @@ nothing in them is imported or executed.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_tune.atomic import sha256_of
 from lora_tune.errors import LoraTuneError
 from lora_tune.runtime import cache_dir
 
@@ -59,14 +59,6 @@ SOURCES = {
         note="docstrings read from the source files with `ast`; nothing is imported",
     ),
 }
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch(name: str, log=print) -> Path:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lora_tune.atomic import replace_dir
+from lora_tune.atomic import replace_dir, sha256_of
 from lora_tune.errors import LoraTuneError
 from lora_tune.train.state import TrainState
 
@@ -67,14 +67,6 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def state_digest(saved: dict) -> str:

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from lora_tune.data.batching import BatchStream
+from lora_tune.progress import StepProgress
 from lora_tune.runtime import evaluating, peak_memory_mb
 from lora_tune.train.checkpoint import save_checkpoint
 from lora_tune.train.metrics import MetricsLog
-from lora_tune.train.progress import StepProgress
 from lora_tune.train.run import Run
 from lora_tune.train.step import StepOut, pieces
 

@@ -144,8 +144,8 @@ def setup_run(cfg: C.RunCfg, records: tuple[list, list], resume: bool, overwrite
     val_stream = BatchStream(
         val_ex, cfg.eval.batch_size or tc.micro_batch_size, tc.seed, tok.pad_token_id, shuffle=False
     )
-    run = Run(cfg, console, parts, build_scheduler(optimizer, tc, total_steps), stream, val_stream, tok,
-              report.val_records, TrainState(), total_steps)  # fmt: skip
+    scheduler = build_scheduler(optimizer, tc, total_steps)
+    run = Run(cfg, console, parts, scheduler, stream, val_stream, tok, report.val_records, TrainState(), total_steps)
     _start_or_restore(run, ckpt)
     return run
 

@@ -1,6 +1,9 @@
-"""A live progress bar on a terminal, plain log lines elsewhere (CI, files)."""
+"""Progress bars: training steps (live on a terminal, plain log lines elsewhere) and counted items."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import (
@@ -13,6 +16,20 @@ from rich.progress import (
 )
 
 
+def _columns(what: str) -> tuple:
+    """what, bar, done/total, elapsed, ETA."""
+    return TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()
+
+
+@contextmanager
+def item_progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A transient bar over `total` items on a terminal's stderr, nothing elsewhere; yields `advance(n)`."""
+    console = Console(stderr=True)
+    with Progress(*_columns(what), console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
 class StepProgress:
     def __init__(self, console: Console, total: int, start: int, log_every: int):
         self.console = console
@@ -20,15 +37,7 @@ class StepProgress:
         self.live = console.is_terminal
         self.progress = None
         if self.live:
-            self.progress = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[info]}"),
-                console=console,
-            )
+            self.progress = Progress(*_columns("[bold]train"), TextColumn("{task.fields[info]}"), console=console)
             self.task = self.progress.add_task("train", total=total, completed=start, info="")
 
     def __enter__(self) -> StepProgress:
