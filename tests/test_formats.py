@@ -184,9 +184,16 @@ def test_keep_end_truncation_keeps_the_response(tiny_tokenizer):
     assert not kept and stats.dropped_no_supervised == 1
 
 
-# Real templates (as published with each model family), rendered with a tokenizer that knows their tokens.
+# The templates published with each model family, as reproduced offline (no hub access here to compare
+# byte for byte); Qwen 2.5's tool-call branches are left out (they render nothing for plain chats).
 REAL_TEMPLATES = {
-    "llama-3": FALLBACK_TEMPLATES["llama-3"],
+    "llama-3": (
+        "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+        "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+        "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+        "{% endif %}"
+    ),
     "mistral": (
         "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
         "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
@@ -195,10 +202,12 @@ REAL_TEMPLATES = {
         "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
     ),
     "gemma": (
-        "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
-        "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + "
-        "message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+        "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
     ),
     "phi-3": (
         "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
@@ -207,10 +216,21 @@ REAL_TEMPLATES = {
         "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
     ),
     "qwen2.5": (
-        "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. "
-        "You are a helpful assistant.<|im_end|>\n' }}{%- endif %}{%- for message in messages %}"
-        "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endfor %}"
-        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+        "{%- if messages[0]['role'] == 'system' %}\n"
+        "    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
+        "{%- else %}\n"
+        "    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+        "<|im_end|>\\n' }}\n"
+        "{%- endif %}\n"
+        "{%- for message in messages %}\n"
+        '    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or '
+        '(message.role == "assistant" and not message.tool_calls) %}\n'
+        "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+        "    {%- endif %}\n"
+        "{%- endfor %}\n"
+        "{%- if add_generation_prompt %}\n"
+        "    {{- '<|im_start|>assistant\\n' }}\n"
+        "{%- endif %}\n"
     ),
     "alpaca (no end token)": FALLBACK_TEMPLATES["alpaca"],
 }
@@ -259,3 +279,16 @@ def test_assistant_mask_on_real_templates(multi_tok, name):
     assert got == f"hi, how are you?{end}good to hear.{end}", got
     rendered = multi_tok.decode(ex.input_ids)
     assert "hello there" in rendered and "fine" in rendered
+
+
+@pytest.mark.parametrize("name", ["llama-3", "phi-3", "qwen2.5"])
+def test_real_templates_with_a_system_message(multi_tok, name):
+    msgs = [
+        {"role": "system", "content": "answer briefly"},
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "hi, how are you?"},
+    ]
+    ex = encode_messages(multi_tok, msgs, template=REAL_TEMPLATES[name])
+    assert sup(multi_tok, ex) == f"hi, how are you?{END[name]}"
+    rendered = multi_tok.decode(ex.input_ids)
+    assert rendered.count("answer briefly") == 1 and "You are Qwen" not in rendered
