@@ -105,6 +105,9 @@ def test_early_stopping(tiny_model_dir, chat_files, tmp_path):
     assert res.stopped_early and res.steps == 6
     vals = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("split") == "val"]
     assert vals == [0, 2, 4, 6]
+    again = train(cfg, resume=True)  # a stopped run stays stopped: no more steps, no more evaluations
+    assert again.stopped_early and again.steps == 6
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("split") == "val"] == vals
 
 
 def test_task_metric_logged_and_drives_early_stopping(tiny_model_dir, chat_files, tmp_path):

@@ -109,6 +109,8 @@ def test_resume_refuses_changed_settings(tiny_model_dir, chat_files, tmp_path):
     # cadence settings may change
     res = train(_cfg(tiny_model_dir, chat_files, out, **{"train.max_steps": 2, "train.log_every": 5}), resume=True)
     assert res.resumed_from == 2
+    vals = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r.get("split") == "val"]
+    assert vals == [0, 2]  # resuming a finished run logs its final evaluation once, not twice
 
 
 def _train_losses(run: Path) -> list[tuple[int, float]]:

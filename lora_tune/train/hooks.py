@@ -110,8 +110,8 @@ class Evaluation(Hook):
     """Validation loss (and the objective's figures, and the task metric) before, during and after training.
 
     Before training only on a fresh start; every `every` steps; after the last step (before its
-    checkpoint is written, so the checkpoint knows the result) unless training stopped early, or at the
-    end when a resumed run had no step left. Each evaluation is logged as one `split: val` record.
+    checkpoint is written, so the checkpoint knows the result) unless training stopped early. Resuming a
+    finished run evaluates nothing again. Each evaluation is logged as one `split: val` record.
     """
 
     def __init__(self, stream: BatchStream, every: int, task_metric: TaskMetric | None = None, metric: str = ""):
@@ -130,7 +130,8 @@ class Evaluation(Hook):
             self.done_final = step == run.total_steps
 
     def on_end(self, run: Run) -> None:
-        if run.stop_reason is None and not self.done_final:
+        finished_before = run.resumed_from == run.total_steps  # its last checkpoint came after that evaluation
+        if run.stop_reason is None and not self.done_final and not finished_before:
             self.evaluate(run)
 
     def evaluate(self, run: Run) -> None:

@@ -52,5 +52,5 @@ class Run:
 
     def stop(self, reason: str) -> None:
         """End the loop after the current step."""
-        self.stop_reason = reason
+        self.stop_reason = self.state.stopped = reason
         self.note(reason)

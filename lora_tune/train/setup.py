@@ -177,6 +177,7 @@ def _start_or_restore(run: Run, ckpt: Path | None) -> None:
     p = run.parts
     run.state = load_checkpoint(ckpt, p.model, p.optimizer, run.scheduler, p.scaler)
     run.resumed_from = run.state.step
+    run.stop_reason = run.state.stopped  # an early-stopped run stays stopped
     run.stream.position = dataclasses.replace(run.state.position)  # a copy: the stream advances its own
     log.truncate_after(run.state.step)
     if run.state.threads != torch.get_num_threads():

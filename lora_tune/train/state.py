@@ -23,6 +23,7 @@ class TrainState:
     threads: int = 0  # torch's thread count when the run started (results depend on it in the last digits)
     config_hash: str = ""  # of the settings that must not change on resume
     split: int = 1  # pieces each micro-batch runs as (doubled by out-of-memory recovery)
+    stopped: str | None = None  # why training ended early (a resumed run that stopped does not go on)
     objective: dict[str, Any] = field(default_factory=dict)  # whatever the objective needs to resume
 
     def to_dict(self) -> dict[str, Any]:
