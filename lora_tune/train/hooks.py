@@ -103,21 +103,20 @@ class Progress(Hook):
     on_fail = on_end
 
 
-TaskMetric = Callable[[torch.nn.Module], float]  # the model -> the task metric on validation records
+MetricFn = Callable[[torch.nn.Module], float]  # the model -> the task metric on validation records
 
 
 class Evaluation(Hook):
     """Validation loss (and the objective's figures, and the task metric) before, during and after training.
 
-    Before training only on a fresh start; every `every` steps; after the last step (before its
-    checkpoint is written, so the checkpoint knows the result) unless training stopped early. Resuming a
-    finished run evaluates nothing again. Each evaluation is logged as one `split: val` record.
+    Before training only on a fresh start; every `every` steps; after the last step, before its
+    checkpoint is written (so the checkpoint knows the result, and resuming a finished run evaluates
+    nothing again). Each evaluation is logged as one `split: val` record.
     """
 
-    def __init__(self, stream: BatchStream, every: int, task_metric: TaskMetric | None = None, metric: str = ""):
+    def __init__(self, stream: BatchStream, every: int, task_metric: MetricFn | None = None, metric: str = ""):
         self.stream, self.every = stream, every
         self.task_metric, self.metric = task_metric, metric
-        self.done_final = False
 
     def on_start(self, run: Run) -> None:
         if run.state.step == 0:
@@ -126,12 +125,6 @@ class Evaluation(Hook):
     def on_step_end(self, run: Run, out: StepOut) -> None:
         step = run.state.step
         if step == run.total_steps or (self.every and step % self.every == 0 and run.stop_reason is None):
-            self.evaluate(run)
-            self.done_final = step == run.total_steps
-
-    def on_end(self, run: Run) -> None:
-        finished_before = run.resumed_from == run.total_steps  # its last checkpoint came after that evaluation
-        if run.stop_reason is None and not self.done_final and not finished_before:
             self.evaluate(run)
 
     def evaluate(self, run: Run) -> None:
