@@ -64,6 +64,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
 
 
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives: `checkpoints/step-NNNNNN` (zero-padded, so names sort)."""
+    return Path(run_dir) / "checkpoints" / f"{PREFIX}{step:06d}"
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
@@ -130,8 +135,8 @@ def save_checkpoint(
     A failed write (disk full, no permission) removes the half-written folder, leaves every earlier
     checkpoint as it was, and raises an error that says so.
     """
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"{PREFIX}{state.step:06d}"
+    final = checkpoint_dir(run_dir, state.step)
+    root = final.parent
     tmp = None
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from lora_tune.runtime import evaluating, peak_memory_mb
 from lora_tune.train.checkpoint import save_checkpoint
 from lora_tune.train.metrics import MetricsLog
 from lora_tune.train.run import Run
-from lora_tune.train.step import StepOut, pieces
+from lora_tune.train.step import StepOut, in_pieces, pieces
 
 Record = dict[str, Any]
 
@@ -147,19 +147,17 @@ def objective_totals(run: Run, batches) -> tuple[float, int, dict[str, float]]:
     """
     parts = run.parts
     total, units, figures, split = 0.0, 0, {}, 1
+
+    def retrying(new_split: int) -> None:
+        run.note(f"out of memory in evaluation: batches now run as {new_split} pieces")
+
     with evaluating(parts.model):
         for batch in batches:
-            while True:
-                try:
-                    outs = [_piece_loss(parts, piece) for piece in pieces(batch, split)]
-                    break
-                except torch.OutOfMemoryError:
-                    if split >= batch["input_ids"].shape[0]:
-                        raise
-                    split *= 2
-                run.note(f"out of memory in evaluation: batches now run as {split} pieces")
-                if parts.precision.device.type == "cuda":
-                    torch.cuda.empty_cache()
+
+            def losses(s: int, batch=batch) -> list:
+                return [_piece_loss(parts, piece) for piece in pieces(batch, s)]
+
+            outs, split = in_pieces(losses, split, batch["input_ids"].shape[0], retrying)
             for out in outs:
                 total += float(out.loss)
                 for k, v in out.figures.items():

@@ -21,7 +21,7 @@ from lora_tune.data.batching import BatchStream
 from lora_tune.data.splits import read_splits
 from lora_tune.errors import LoraTuneError
 from lora_tune.runtime import Precision, peak_memory_mb
-from lora_tune.train.checkpoint import PREFIX, load_adapter_weights
+from lora_tune.train.checkpoint import checkpoint_dir, load_adapter_weights
 from lora_tune.train.hooks import Checkpointing, EarlyStopping, Evaluation, Hook, MetricsFile, Progress, train_record
 from lora_tune.train.metrics import MetricsLog, plot_losses
 from lora_tune.train.run import Run
@@ -124,7 +124,7 @@ def default_hooks(run: Run, task_metric: TaskMetric | None) -> list[Hook]:
     if task_metric is not None and ec.metric != "none" and run.val_records:
         metric_fn = lambda model: task_metric(model, run.tok, run.parts.precision, run.val_records)  # noqa: E731
     return [
-        MetricsFile(MetricsLog(run.run_dir / "metrics.jsonl")),
+        MetricsFile(MetricsLog(run.metrics_path)),
         *tracker_hooks(run.cfg, full_validation=ec.max_samples is None),
         Progress(tc.log_every, ec.metric),
         Evaluation(run.val_stream, tc.eval_every, metric_fn, ec.metric),
@@ -138,7 +138,7 @@ def restore_best(run: Run) -> None:
     best, state = run.state.best_step, run.state
     if best is None or best == state.step:
         return
-    path = run.run_dir / "checkpoints" / f"{PREFIX}{best:06d}"
+    path = checkpoint_dir(run.run_dir, best)
     if not path.is_dir():
         run.note(f"[yellow]train.load_best_at_end: the checkpoint of step {best} is gone; keeping the last weights[/]")
         state.best_step = state.step
@@ -151,10 +151,10 @@ def restore_best(run: Run) -> None:
 
 def summarise(run: Run, adapter_dir: Path) -> TrainResult:
     """The run's TrainResult (from metrics.jsonl, so evaluations from before a resume count too), and the plot."""
-    records = MetricsLog(run.run_dir / "metrics.jsonl").read()
+    records = MetricsLog(run.metrics_path).read()
     train_losses = [r["loss"] for r in records if r.get("split", "train") == "train"]
     plot = plot_losses(records, run.run_dir / "loss.png", title=f"{run.cfg.model.source} - {run.run_dir.name}")
-    run.note(f"adapter saved to {adapter_dir}; metrics in {run.run_dir / 'metrics.jsonl'}; plot in {plot}")
+    run.note(f"adapter saved to {adapter_dir}; metrics in {run.metrics_path}; plot in {plot}")
     return TrainResult(
         run_dir=run.run_dir,
         adapter_dir=adapter_dir,

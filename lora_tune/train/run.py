@@ -42,6 +42,10 @@ class Run:
     def run_dir(self) -> Path:
         return Path(self.cfg.output_dir)
 
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
     def log(self, record: dict[str, Any]) -> None:
         """Hand a metrics record (a training step's or an evaluation's) to every hook."""
         for hook in self.hooks:

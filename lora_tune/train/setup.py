@@ -164,7 +164,7 @@ def _adapt(model, cfg: C.RunCfg, console: Console):
 
 def _start_or_restore(run: Run, ckpt: Path | None) -> None:
     """A fresh run writes its config and an empty log; a resumed one loads its checkpoint and trims its log."""
-    log = MetricsLog(run.run_dir / "metrics.jsonl")
+    log = MetricsLog(run.metrics_path)
     if ckpt is None:
         run.state = TrainState(
             precision=run.parts.precision.name, threads=torch.get_num_threads(), config_hash=C.config_hash(run.cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -16,6 +17,8 @@ from lora_tune.errors import LoraTuneError
 from lora_tune.losses import real_tokens
 from lora_tune.runtime import Precision
 from lora_tune.train.objectives import Batch, Objective
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -53,23 +56,17 @@ def optimizer_step(parts: StepParts, micro: list[Batch], split: int = 1, log: Ca
     `split` is returned for the steps that follow.
     """
     units = sum(parts.objective.units(b) for b in micro)
+    rows = micro[0]["input_ids"].shape[0]
+
+    def retrying(new_split: int) -> None:
+        parts.optimizer.zero_grad(set_to_none=True)  # the failed try's partial gradients
+        log(
+            f"out of memory: running each micro-batch of {rows} as {new_split} pieces of "
+            f"{math.ceil(rows / new_split)} (same effective batch and gradients), and continuing"
+        )
+
     asked = split
-    while True:
-        try:
-            loss_total, figures = _accumulate(parts, micro, split, units)
-            break
-        except torch.OutOfMemoryError:
-            rows = micro[0]["input_ids"].shape[0]
-            parts.optimizer.zero_grad(set_to_none=True)
-            if split >= rows:
-                raise
-            split *= 2
-            log(
-                f"out of memory: running each micro-batch of {rows} as {split} pieces of "
-                f"{math.ceil(rows / split)} (same effective batch and gradients), and continuing"
-            )
-        if parts.precision.device.type == "cuda":
-            torch.cuda.empty_cache()  # here, not inside `except`: the exception holds the failed step's tensors
+    (loss_total, figures), split = in_pieces(lambda s: _accumulate(parts, micro, s, units), split, rows, retrying)
     grad_norm = float("nan")
     if parts.max_grad_norm > 0:
         parts.scaler.unscale_(parts.optimizer)
@@ -115,3 +112,21 @@ def pieces(batch: Batch, split: int) -> list[Batch]:
     rows = batch["input_ids"].shape[0]
     size = math.ceil(rows / split)
     return [{k: v[lo : lo + size] for k, v in batch.items()} for lo in range(0, rows, size)]
+
+
+def in_pieces(work: Callable[[int], T], split: int, rows: int, retrying: Callable[[int], None]) -> tuple[T, int]:
+    """(`work(split)`, the split it ran with): on an out-of-memory error `work` is redone with twice the
+    pieces, down to one row each; `retrying(new_split)` is told before each new try.
+
+    The CUDA cache is emptied between tries, outside `except`: the exception holds the failed try's tensors.
+    """
+    while True:
+        try:
+            return work(split), split
+        except torch.OutOfMemoryError:
+            if split >= rows:
+                raise
+            split *= 2
+        retrying(split)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

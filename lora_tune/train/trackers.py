@@ -92,7 +92,7 @@ class TrackerHook(Hook):
         self.opened = True
         if resuming:
             self.have = self.tracker.logged_steps()
-            for record in read_metrics(run.run_dir / "metrics.jsonl"):  # trimmed to the checkpoint
+            for record in read_metrics(run.metrics_path):  # trimmed to the checkpoint
                 self.on_log(run, record)
             self.have = {s: max(v, run.state.step) for s, v in self.have.items()}
 
