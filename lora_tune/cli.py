@@ -565,19 +565,43 @@ def recipes_run(name, overrides, smoke, merge, output_dir, resume, overwrite, re
 @click.option("--steps", default=8, show_default=True, type=click.IntRange(min=1), help="timed steps per run")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=1), help="untimed first steps")
 @click.option("--only", multiple=True, help="run only these configurations (repeatable), e.g. --only qlora-nf4")
-def bench(out, reps, steps, warmup, only) -> None:
-    """lora_tune vs TRL SFTTrainer + PEFT side by side: tokens/s, peak memory, MFU, padding, val loss."""
+@click.option("--quality", is_flag=True, help="task metrics at equal steps over seeds instead of speed and memory")
+@click.option("--seeds", default="0,1,2", show_default=True, help="--quality: comma-separated seeds")
+@click.option("--tasks", default=None, help="--quality: comma-separated tasks (default: all)")
+@click.option("--ablate", is_flag=True, help="--quality: add runs with one lora_tune default changed at a time")
+def bench(out, reps, steps, warmup, only, quality, seeds, tasks, ablate) -> None:
+    """lora_tune vs TRL SFTTrainer + PEFT side by side: tokens/s, peak memory, MFU, padding, val loss;
+    with --quality, task metrics (macro-F1, exact match, perplexity) over several seeds."""
     import importlib.util
+    from pathlib import Path
 
+    no_trl = LoraTuneError("the benchmark runs TRL side by side: pip install -e '.[bench]' (adds trl)")
+    if quality:
+        from lora_tune.bench.quality import ABLATIONS, run_quality
+        from lora_tune.bench.quality_data import TASKS
+
+        names = [t.strip() for t in tasks.split(",")] if tasks else None
+        unknown = sorted(set(names or []) - {t.name for t in TASKS})
+        if unknown:
+            _fail(LoraTuneError(f"no task named {', '.join(unknown)}; choose from {', '.join(t.name for t in TASKS)}"))
+        try:
+            seed_list = tuple(int(x) for x in seeds.split(","))
+        except ValueError:
+            _fail(LoraTuneError(f"--seeds {seeds!r}: give whole numbers separated by commas, e.g. --seeds 0,1,2"))
+        if importlib.util.find_spec("trl") is None:
+            _fail(no_trl)
+        try:
+            run_quality(Path(out), names, seed_list, list(ABLATIONS) if ablate else None, log=click.echo)
+        except LoraTuneError as e:
+            _fail(e)
+        return
     from lora_tune.bench.compare import MATRIX, compare
 
     matrix = [m for m in MATRIX if not only or m[0] in only]
     if not matrix:
         _fail(LoraTuneError(f"no configuration named {', '.join(only)}; choose from {', '.join(m[0] for m in MATRIX)}"))
     if importlib.util.find_spec("trl") is None:
-        _fail(LoraTuneError("the benchmark runs TRL side by side: pip install -e '.[bench]' (adds trl)"))
-    from pathlib import Path
-
+        _fail(no_trl)
     compare(Path(out), reps=reps, steps=steps, warmup=warmup, matrix=matrix, log=click.echo)
 
 

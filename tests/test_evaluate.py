@@ -16,7 +16,14 @@ from lora_tune.config import ModelCfg
 from lora_tune.data.formats import parse_record
 from lora_tune.evaluate.classify import predict_labels
 from lora_tune.evaluate.generate import Sampling, generate_texts, prompt_text
-from lora_tune.evaluate.metrics import classification_report, exact_match, normalize_answer, rouge_l, token_f1
+from lora_tune.evaluate.metrics import (
+    classification_report,
+    exact_match,
+    normalize_answer,
+    parse_label,
+    rouge_l,
+    token_f1,
+)
 from lora_tune.evaluate.perplexity import strided_nll
 from lora_tune.models import load_model
 from lora_tune.runtime import Precision
@@ -164,6 +171,17 @@ def test_eval_cli_errors(tiny_model_dir, tmp_path):
     assert r.exit_code == 1 and "not an adapter folder" in r.output
 
 
+def test_parse_label_reads_what_a_person_would():
+    labels = ["positive", "negative"]
+    assert parse_label("Positive.", labels) == "positive"
+    assert parse_label("  negative", labels) == "negative"
+    assert parse_label("The review is negative overall", labels) == "negative"
+    assert parse_label("positive or negative?", labels) is None  # names both: no answer
+    assert parse_label("positively", labels) is None  # a word that merely contains a label
+    assert parse_label("", labels) is None
+    assert parse_label("Sci Space", ["sci space", "atheism"]) == "sci space"
+
+
 def test_generate_label_mode_counts_unparseable_answers(tiny_model_dir, tmp_path):
     from conftest import write_jsonl
 
@@ -195,8 +213,8 @@ def test_generate_label_mode_counts_unparseable_answers(tiny_model_dir, tmp_path
     base = json.loads(out.read_text())["results"]["base"]
     examples = base["details"]["examples"]
     assert len(examples) == 4
-    # the count is of the greedy answers shown: those that are not exactly one of the labels
+    # the count is of the greedy answers shown: those that name neither label
     assert base["details"]["unparseable_generations"] == sum(
-        e["prediction"].strip() not in ("good", "bad") for e in examples
+        parse_label(e["prediction"], ["good", "bad"]) is None for e in examples
     )
     assert set(base["metrics"]) == {"accuracy", "macro_f1", "f1"}

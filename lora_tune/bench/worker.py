@@ -10,6 +10,7 @@ loss over the assistant tokens of the held-out chats.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -36,6 +37,11 @@ class Spec:
     r: int = 16
     seed: int = 0
     extra: dict = field(default_factory=dict)
+    # the quality benchmark trains as users do; the speed benchmark keeps the constant-lr defaults
+    schedule: str = "constant"
+    lr_warmup_ratio: float = 0.0
+    dropout: float = 0.0
+    adapter_dir: str | None = None  # save the trained adapter here
 
 
 def rss_mb() -> float:
@@ -68,39 +74,61 @@ def run_ours(spec: Spec, base_rss: float) -> dict:
         "model.source": spec.model,
         "model.quantization": spec.quantization,
         "data.train_file": spec.train_file,
-        "data.val_file": spec.val_file,
+        "data.val_file": spec.val_file or None,
         "data.max_length": spec.max_length,
         "data.packing": spec.packing,
         "data.cache": False,
         "train.micro_batch_size": spec.micro_batch_size,
         "train.max_steps": spec.warmup_steps + spec.steps,
         "train.lr": spec.lr,
-        "train.warmup_steps": 0,
-        "train.schedule": "constant",
+        "train.warmup_ratio": spec.lr_warmup_ratio,
+        "train.schedule": spec.schedule,
         "train.seed": spec.seed,
         "train.gradient_checkpointing": spec.gradient_checkpointing,
         "train.save_every": 0,
         "lora.r": spec.r,
         "lora.alpha": 2 * spec.r,
-        "lora.dropout": 0.0,
+        "lora.dropout": spec.dropout,
         "output_dir": out,
         **spec.extra,
     }
-    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items() if v is not None])
     finetune(cfg, console=Console(quiet=True))
     rows = [r for r in read_metrics(f"{out}/metrics.jsonl") if r.get("split", "train") == "train"]
     timed = rows[spec.warmup_steps :]
     seconds = timed[-1]["time"] - rows[spec.warmup_steps - 1]["time"]
     vals = [r["loss"] for r in read_metrics(f"{out}/metrics.jsonl") if r.get("split") == "val"]
+    if spec.adapter_dir:
+        shutil.copytree(f"{out}/adapter", spec.adapter_dir, dirs_exist_ok=True)
     return {
         "seconds": seconds,
         "real_tokens": sum(r["real_tokens"] for r in timed),
         "padded_tokens": sum(r["padded_tokens"] for r in timed),
         "supervised_tokens": sum(r["tokens"] for r in timed),
         "steps": len(timed),
-        "val_loss": vals[-1],
+        "val_loss": vals[-1] if vals else None,
+        "train_losses": [r["loss"] for r in rows],
         "peak_mb": peak_rss_mb() - base_rss,
     }
+
+
+def trl_data(path: str) -> str:
+    """The file as TRL trains on it with loss on the answer only: a chat of one user and one assistant
+    turn becomes a conversational prompt/completion record (TRL's completion-only loss); other
+    records are kept as they are."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+
+    def single_turn(r: dict) -> bool:
+        roles = [m["role"] for m in r.get("messages", [])]
+        return bool(roles) and roles[-1] == "assistant" and roles.count("assistant") == 1
+
+    if not all(single_turn(r) for r in rows):
+        return path
+    out = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False)
+    with out:
+        for r in rows:
+            out.write(json.dumps({"prompt": r["messages"][:-1], "completion": r["messages"][-1:]}) + "\n")
+    return out.name
 
 
 def run_trl(spec: Spec, base_rss: float) -> dict:
@@ -125,15 +153,22 @@ def run_trl(spec: Spec, base_rss: float) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quant)
     tok = AutoTokenizer.from_pretrained(path)
     fix_tokenizer(tok)
-    data = load_dataset("json", data_files={"train": spec.train_file}, split="train")
+    data = load_dataset("json", data_files={"train": trl_data(spec.train_file)}, split="train")
+    warmup = {"warmup_steps": 0}
+    if spec.lr_warmup_ratio:  # transformers 5 takes a fraction in warmup_steps; 4.x in warmup_ratio
+        warmup = (
+            {"warmup_steps": spec.lr_warmup_ratio}
+            if "warmup_ratio" not in SFTConfig.__dataclass_fields__
+            else {"warmup_ratio": spec.lr_warmup_ratio}
+        )
     args = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
         per_device_train_batch_size=spec.micro_batch_size,
         gradient_accumulation_steps=1,
         max_steps=spec.warmup_steps + spec.steps,
         learning_rate=spec.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
+        lr_scheduler_type=spec.schedule,
+        **warmup,
         optim="adamw_torch",
         max_length=spec.max_length,
         packing=spec.packing,
@@ -148,7 +183,7 @@ def run_trl(spec: Spec, base_rss: float) -> dict:
         **spec.extra,
     )
     lora = LoraConfig(
-        r=spec.r, lora_alpha=2 * spec.r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        r=spec.r, lora_alpha=2 * spec.r, lora_dropout=spec.dropout, target_modules="all-linear", task_type="CAUSAL_LM"
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=lora)
     counts: list[int] = []
@@ -173,16 +208,20 @@ def run_trl(spec: Spec, base_rss: float) -> dict:
 
     trainer.add_callback(Clock())
     trainer.train()
+    if spec.adapter_dir:
+        trainer.save_model(spec.adapter_dir)
     w = spec.warmup_steps
     seconds = stamps[-1] - stamps[w - 1]
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    val = _val_loss(trainer.model, tok, spec.val_file, spec.max_length, autocast) if spec.val_file else None
     return {
         "seconds": seconds,
         "real_tokens": sum(counts[w : w + spec.steps]),
         "padded_tokens": sum(padded[w : w + spec.steps]),
         "supervised_tokens": sum(supervised[w : w + spec.steps]),
         "steps": len(stamps) - w,
-        "val_loss": _val_loss(trainer.model, tok, spec.val_file, spec.max_length, autocast),
+        "val_loss": val,
+        "train_losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "peak_mb": peak_rss_mb() - base_rss,
     }
 

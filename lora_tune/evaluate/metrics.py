@@ -20,6 +20,18 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
+def parse_label(text: str, labels: list[str]) -> str | None:
+    """The label a generated answer gives: the answer itself after normalisation ("Positive." is
+    positive), else the one label it mentions as a whole word; None when it names none or several."""
+    norm = normalize_answer(text)
+    by_norm = {normalize_answer(lab): lab for lab in labels}
+    if norm in by_norm:
+        return by_norm[norm]
+    words = f" {norm} "
+    named = [lab for n, lab in by_norm.items() if n and f" {n} " in words]
+    return named[0] if len(named) == 1 else None
+
+
 def exact_match(prediction: str, reference: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(reference))
 

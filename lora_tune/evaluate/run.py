@@ -21,7 +21,7 @@ from lora_tune.data.tokenize import encode_records
 from lora_tune.errors import LoraTuneError
 from lora_tune.evaluate.classify import predict_labels
 from lora_tune.evaluate.generate import Sampling, generate_texts, prompt_text
-from lora_tune.evaluate.metrics import classification_report, exact_match, rouge_l, token_f1
+from lora_tune.evaluate.metrics import classification_report, exact_match, parse_label, rouge_l, token_f1
 from lora_tune.evaluate.perplexity import strided_perplexity, supervised_perplexity
 from lora_tune.runtime import Precision, choose_device, choose_precision
 
@@ -150,8 +150,9 @@ def evaluate_model(
         if unknown:
             raise LoraTuneError(f"{unknown[0][0]}: reference {unknown[0][1]!r} is not among the labels {labels}")
         if s.label_mode == "generate":
-            preds = [g.strip() if g.strip() in labels else labels[0] for g in generated]
-            details["unparseable_generations"] = sum(g.strip() not in labels for g in generated)
+            parsed = [parse_label(g, labels) for g in generated]
+            preds = [p or labels[0] for p in parsed]  # an answer naming no label counts as the first
+            details["unparseable_generations"] = sum(p is None for p in parsed)
         else:
             preds, _ = predict_labels(model, tok, records, labels, precision.autocast, batch_size=s.batch_size)
         rep = classification_report(preds, refs, labels)
