@@ -145,3 +145,34 @@ def test_bench_quality_cli_names_unknown_tasks_and_bad_seeds():
     assert r.exit_code == 1 and "no task named poetry" in r.output and "analogy" in r.output
     r = CliRunner().invoke(main, ["bench", "--quality", "--seeds", "0,x"])
     assert r.exit_code == 1 and "whole numbers" in r.output
+
+
+def test_an_interrupted_quality_benchmark_goes_on_where_it_stopped(tmp_path, monkeypatch):
+    """Finished runs in quality-partial.json are kept; failed ones, and any measured under another
+    protocol, are run again."""
+    import json
+
+    from lora_tune.bench import quality
+
+    calls = []
+
+    def fake_worker(payload):
+        calls.append((payload.get("spec", {}).get("tool"), payload.get("spec", {}).get("seed"), "base" in payload))
+        return {"score": {"metrics": {"macro_f1": 0.5}}, "train_losses": [1.0], "seconds": 1.0}
+
+    monkeypatch.setattr(quality, "build_tasks", lambda *a: None)
+    monkeypatch.setattr(quality, "_worker", fake_worker)
+    key = {"protocol": quality.PROTOCOL, "model": quality.MODEL, "steps": {t.name: t.steps for t in qd.TASKS}}
+    partial = tmp_path / "results" / "quality-partial.json"
+    partial.parent.mkdir()
+    done = [run("sentiment", "ours", 0, 0.9), {**run("sentiment", "trl", 0, 0.8), "error": "killed"}]
+    partial.write_text(json.dumps({"key": key, "base": {"sentiment": {"score": {}}}, "runs": done}))
+    result = quality.run_quality(tmp_path, ["sentiment"], seeds=(0,), log=lambda *_: None)
+    assert calls == [("trl", 0, False)]  # only the failed run; the base score was kept
+    assert sorted(r["variant"] for r in result["runs"]) == ["ours", "trl"]
+    assert not partial.exists()  # a finished benchmark leaves no partial file
+
+    calls.clear()
+    partial.write_text(json.dumps({"key": {**key, "model": "other"}, "base": {}, "runs": done}))
+    quality.run_quality(tmp_path, ["sentiment"], seeds=(0,), log=lambda *_: None)
+    assert sorted(calls, key=str) == sorted([(None, None, True), ("ours", 0, False), ("trl", 0, False)], key=str)

@@ -40,7 +40,7 @@ PROTOCOL = {
 # lora_tune with one default changed: each isolates one candidate cause of a gap to TRL
 ABLATIONS = {
     "ours, no length grouping": {"data.group_by_length": False},
-    "ours, fp32": {"train.precision": "fp32"},
+    "ours, fp32": {"model.quantization": "fp32", "train.precision": "fp32"},
     "ours, unchunked loss": {"train.chunked_loss": False},
 }
 SECTION = "## Quality at equal steps"
@@ -171,7 +171,8 @@ def markdown(result: dict) -> str:
             continue
         arrow = "lower is better" if task.metric in lower_better else "higher is better"
         lines.append(
-            f"| {task_name} | {task.metric} ({arrow}) | {result['steps'][task_name]} | {base:.3f} | {o['mean']:.3f} ± {o['std']:.3f} | "
+            f"| {task_name} | {task.metric} ({arrow}) | {result['steps'][task_name]} | {_num(base)} | "
+            f"{o['mean']:.3f} ± {o['std']:.3f} | "
             f"{t['mean']:.3f} ± {t['std']:.3f} | {o['mean'] - t['mean']:+.3f} | "
             + ", ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(o["values"], t["values"], strict=False))
             + f" | {_num(o['train_loss_last10'])} / {_num(t['train_loss_last10'])} |"
@@ -230,19 +231,31 @@ def run_quality(
     data_root = out_dir / "data" / "quality"
     build_tasks(data_root, out_dir / "data" / "cache")
     chosen = [task_by_name(n) for n in (tasks or [t.name for t in TASKS])]
-    runs, base = [], {}
     partial = out_dir / "results" / "quality-partial.json"
     partial.parent.mkdir(parents=True, exist_ok=True)
+    # an interrupted benchmark goes on where it stopped: finished runs are kept, failed ones rerun
+    key = {"protocol": PROTOCOL, "model": model, "steps": {t.name: steps or t.steps for t in TASKS}}
+    done = json.loads(partial.read_text()) if partial.exists() else {}
+    if done.get("key") != key:  # measured under another protocol: not comparable
+        done = {"base": {}, "runs": []}
+    base = {k: v for k, v in done["base"].items() if "error" not in v}
+    runs = [r for r in done["runs"] if "error" not in r]
+    if runs or base:
+        log(f"going on from {partial}: {len(runs)} runs done")
+    finished = {(r["task"], r["variant"], r["seed"]) for r in runs}
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
         for task in chosen:
-            base[task.name] = _worker({"task": task.name, "data_root": str(data_root), "base": model})
-            log(f"{task.name:10s} base   {_fmt(task, base[task.name])}")
+            if task.name not in base:
+                base[task.name] = _worker({"task": task.name, "data_root": str(data_root), "base": model})
+                log(f"{task.name:10s} base   {_fmt(task, base[task.name])}")
             variants = [("ours", "ours", {}), ("trl", "trl", {})]
             if task.name in ablation_tasks:
                 variants += [(name, "ours", ABLATIONS[name]) for name in ablate or []]
             for seed in seeds:
                 order = variants if seed % 2 == 0 else [variants[1], variants[0], *variants[2:]]
                 for variant, tool, extra in order:
+                    if (task.name, variant, seed) in finished:
+                        continue
                     adapter = f"{tmp}/{task.name}-{variant}-{seed}".replace(" ", "_").replace(",", "")
                     spec = spec_for(task, tool, seed, data_root, adapter, extra, model, steps)
                     r = _worker({"task": task.name, "data_root": str(data_root), "spec": asdict(spec)})
@@ -250,7 +263,7 @@ def run_quality(
                     runs.append(r)
                     log(f"{task.name:10s} {variant:26s} seed {seed}: {_fmt(task, r)}")
                     # so far, so that an interrupted benchmark keeps what it measured
-                    atomic_write_text(partial, json.dumps({"base": base, "runs": runs}, indent=1))
+                    atomic_write_text(partial, json.dumps({"key": key, "base": base, "runs": runs}, indent=1))
     result = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "git_sha": _git_sha(),

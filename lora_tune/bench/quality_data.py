@@ -113,6 +113,10 @@ def newsgroup_posts(blob: bytes) -> list[tuple[str, str]]:
     return list(zip(groups, posts, strict=True))
 
 
+def _wordy(line: str) -> bool:
+    return sum(c.isalnum() or c.isspace() for c in line) >= 0.7 * len(line)
+
+
 def post_body(post: str, max_chars: int = 520) -> str:
     """The body of a Usenet post (headers and symbol-art lines dropped), cut at a line end near `max_chars`."""
     body = post.split("\n\n", 1)[1] if "\n\n" in post else post

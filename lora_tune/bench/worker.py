@@ -116,7 +116,8 @@ def trl_data(path: str) -> str:
     """The file as TRL trains on it with loss on the answer only: a chat of one user and one assistant
     turn becomes a conversational prompt/completion record (TRL's completion-only loss); other
     records are kept as they are."""
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
 
     def single_turn(r: dict) -> bool:
         roles = [m["role"] for m in r.get("messages", [])]
@@ -124,8 +125,7 @@ def trl_data(path: str) -> str:
 
     if not all(single_turn(r) for r in rows):
         return path
-    out = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False)
-    with out:
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as out:
         for r in rows:
             out.write(json.dumps({"prompt": r["messages"][:-1], "completion": r["messages"][-1:]}) + "\n")
     return out.name
