@@ -198,6 +198,30 @@ def grouping(steps: int = 30, batch: int = 8) -> dict:
     return out
 
 
+def token_weights(batch: int = 8) -> dict:
+    """Per task: how much the supervised-token count of a batch varies from step to step. The loss of a
+    step is a mean over its supervised tokens, so a token in a batch of N weighs 1/N: the more N varies,
+    the more unequal the tokens' weights (cv of N; ratio of the heaviest to the lightest step)."""
+    path = resolve_source("builtin:smollm2-135m", log=lambda *_: None)
+    tok = load_tokenizer(path, ModelCfg())
+    out = {}
+    for task in TASKS:
+        train, _ = task.files(DATA)
+        examples, _ = encode_records(tok, load_records(train), 256)
+        out[task.name] = {}
+        for strategy in ("group_by_length", "pad"):
+            counts = []
+            for seed in (0, 1, 2):
+                plan = BatchStream(examples, batch, seed, tok.pad_token_id, strategy=strategy).plan(0)[: task.steps]
+                counts += [sum(examples[row[0]].n_supervised for row in b) for b in plan]
+            out[task.name][strategy] = {
+                "supervised_per_step_mean": statistics.fmean(counts),
+                "supervised_per_step_cv": statistics.pstdev(counts) / statistics.fmean(counts),
+                "heaviest_over_lightest_token": max(counts) / min(counts),
+            }
+    return out
+
+
 def main() -> None:
     build_tasks(DATA, HERE / "data" / "cache")
     result = {
@@ -206,6 +230,7 @@ def main() -> None:
         "loss_paths": loss_paths(),
         "schedules": schedules(),
         "grouping": grouping(),
+        "token_weights": token_weights(),
     }
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
     (HERE / "results").mkdir(exist_ok=True)

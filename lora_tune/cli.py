@@ -98,6 +98,7 @@ def data() -> None:
 )
 @click.option("--chat-template", default=None, help="chatml, llama-3, alpaca or a .jinja file")
 @click.option("--sample", "sample_index", default=0, show_default=True, help="which record to show rendered")
+@click.option("--batch-size", default=4, show_default=True, help="micro-batch size the batching advice is for")
 def data_inspect(
     source: str,
     model_source: str,
@@ -107,6 +108,7 @@ def data_inspect(
     loss_on: str,
     chat_template: str | None,
     sample_index: int,
+    batch_size: int,
 ) -> None:
     """Validate every record of SOURCE (file, folder or hub id), print statistics and one rendered sample.
 
@@ -123,7 +125,17 @@ def data_inspect(
     try:
         tok = load_tokenizer(resolve_source(model_source, log=console.print), ModelCfg(source=model_source))
         template = resolve_chat_template(tok, chat_template)
-        rep = inspect_data(source, tok, fmt, max_length, truncation, loss_on, template, sample_index=sample_index)
+        rep = inspect_data(
+            source,
+            tok,
+            fmt,
+            max_length,
+            truncation,
+            loss_on,
+            template,
+            sample_index=sample_index,
+            batch_size=batch_size,
+        )
     except LoraTuneError as e:
         _fail(e)
     print_report(rep, tok, console)

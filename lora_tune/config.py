@@ -82,7 +82,11 @@ class DataCfg:
         None, "template to use: chatml, llama-3, alpaca or a .jinja file (default: tokenizer's)"
     )
     packing: bool = _f(False, "pack samples into rows of max_length (no padding, no cross-attention)")
-    group_by_length: bool = _f(True, "when not packing, batch samples of similar length together")
+    group_by_length: bool | Literal["auto"] = _f(
+        "auto",
+        "when not packing, batch samples of similar length together; auto: unless that makes the supervised "
+        "tokens per batch uneven (plain text)",
+    )
     dedup: Literal["none", "exact", "normalized"] = _f(
         "exact", "remove duplicate records (normalized: case, punctuation and spacing ignored)"
     )

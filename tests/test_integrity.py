@@ -98,6 +98,7 @@ def test_load_best_at_end_keeps_the_best_weights_and_its_checkpoint(tiny_model_d
         "train.keep_last": 1,
         "train.load_best_at_end": True,
         "lora.dropout": 0.1,
+        "data.group_by_length": True,  # the batch order this data and lr were chosen for
     }
     train(_cfg(tiny_model_dir, chat_files, out, **extra))
     vals = [(r["loss"], r["step"]) for r in read_metrics(out / "metrics.jsonl") if r.get("split") == "val"]

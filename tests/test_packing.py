@@ -108,3 +108,46 @@ def test_packed_stream_resumes_and_covers_all(tiny_tokenizer):
     resumed.position = Position(saved.epoch, saved.index)  # a copy: the stream advances its own
     got = [resumed.next() for _ in range(len(s))]
     assert all(torch.equal(a[k], b[k]) for a, b in zip(got, expected, strict=True) for k in a)
+
+
+def _samples(lengths: list[int], answer: int | None) -> list:
+    """Samples of the given lengths; every token supervised (text) or only the last `answer` tokens."""
+    from lora_tune.data.tokenize import Example
+
+    out = []
+    for n in lengths:
+        ids = list(range(1, n + 1))
+        labels = ids if answer is None else [IGNORE] * (n - answer) + ids[n - answer :]
+        out.append(Example(ids, labels))
+    return out
+
+
+def test_auto_length_grouping_keeps_token_weights_even():
+    """Plain text of mixed lengths: grouping would put short samples in batches of their own, whose few
+    tokens then weigh many times more, so auto picks random batches. Short answers after prompts of
+    mixed lengths: the supervised count per batch does not depend on length, so auto groups."""
+    from lora_tune.data.batching import choose_batching
+
+    g = torch.Generator().manual_seed(0)
+    lengths = (10 + torch.randint(0, 240, (200,), generator=g)).tolist()
+    text = choose_batching(_samples(lengths, None), 8, 0, packing=False, group_by_length="auto")
+    assert text.strategy == "pad" and "vary" in text.reason and "data.group_by_length: true forces it" in text.reason
+    answers = choose_batching(_samples(lengths, 2), 8, 0, packing=False, group_by_length="auto")
+    assert answers.strategy == "group_by_length" and "padding" in answers.reason
+    # samples of nearly one length: grouping would save almost no padding, so it is not worth its risk
+    even = choose_batching(_samples([50 + i % 4 for i in range(200)], 2), 8, 0, packing=False, group_by_length="auto")
+    assert even.strategy == "pad" and "save little" in even.reason
+    # an explicit setting is obeyed, and packing wins
+    assert choose_batching(_samples(lengths, None), 8, 0, False, True).strategy == "group_by_length"
+    assert choose_batching(_samples(lengths, 2), 8, 0, False, False).strategy == "pad"
+    assert choose_batching(_samples(lengths, 2), 8, 0, True, "auto").strategy == "pack"
+
+
+def test_group_by_length_setting_accepts_auto_and_booleans():
+    from lora_tune.config import load_config
+
+    assert load_config(None, ["data.train_file=x.jsonl"]).data.group_by_length == "auto"
+    assert load_config(None, ["data.train_file=x.jsonl", "data.group_by_length=false"]).data.group_by_length is False
+    assert load_config(None, ["data.train_file=x.jsonl", "data.group_by_length=true"]).data.group_by_length is True
+    with pytest.raises(Exception, match="group_by_length"):
+        load_config(None, ["data.train_file=x.jsonl", "data.group_by_length=sometimes"])

@@ -97,7 +97,7 @@ def test_summary_and_results_section(tmp_path):
         "cpu_bf16": "flags",
         "seeds": [0, 1, 2],
         "steps": {"newsgroups": 30},
-        "base": {"newsgroups": {"metrics": {"macro_f1": 0.5}}},
+        "base": {"newsgroups": {"score": {"metrics": {"macro_f1": 0.5}}}},
         "summary": summarize(runs),
     }
     table = markdown(result)

@@ -165,7 +165,7 @@ def markdown(result: dict) -> str:
     for task_name in dict.fromkeys(r["task"] for r in result["summary"]):
         task = task_by_name(task_name)
         o, t = by.get((task_name, "ours")), by.get((task_name, "trl"))
-        base = result["base"].get(task_name, {}).get("metrics", {}).get(task.metric)
+        base = result["base"].get(task_name, {}).get("score", {}).get("metrics", {}).get(task.metric)
         if not (o and t and o["runs"] and t["runs"]):
             lines.append(f"| {task_name} | {task.metric} | {result['steps'][task_name]} | | failed | failed | | | |")
             continue

@@ -9,10 +9,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lora_tune.data.batching import pack_rows
+from lora_tune.data.batching import Batching, choose_batching, pack_rows
 from lora_tune.data.hygiene import deduplicate, labels_of
 from lora_tune.data.readers import read_records
-from lora_tune.data.tokenize import IGNORE, Example, encode_record, fit_length
+from lora_tune.data.tokenize import IGNORE, Example, chunk_text, encode_record, fit_length
 
 
 @dataclass
@@ -33,6 +33,7 @@ class InspectReport:
     max_length: int = 0
     sample: Example | None = None
     sample_where: str = ""
+    batching: Batching | None = None  # what training would do with these samples
 
     @property
     def ok(self) -> bool:
@@ -54,12 +55,14 @@ def inspect_data(
     template: str | None = None,
     columns: dict | None = None,
     sample_index: int = 0,
+    batch_size: int = 4,
 ) -> InspectReport:
     """Validate and tokenize every record of `source`; never raises on bad records."""
     records, problems = read_records(source, fmt, columns)
     rep = InspectReport(source=str(source), problems=problems, records=len(records), max_length=max_length)
     rep.kinds = Counter(r.kind for r in records)
     fitted_lengths = []
+    kept: list[Example] = []  # the samples training would batch
     for i, rec in enumerate(records):
         try:
             ex = encode_record(tok, rec, template, loss_on)
@@ -83,6 +86,8 @@ def inspect_data(
         rep.supervised += fitted.n_supervised
         rep.tokens += min(len(fitted.input_ids), max_length) if rec.text is None else len(fitted.input_ids)
         fitted_lengths.append(min(len(fitted.input_ids), max_length))
+        pieces = [c for c in chunk_text(fitted, max_length) if c.n_supervised] if rec.text is not None else [fitted]
+        kept.extend(pieces)
         if i == sample_index or (rep.sample is None and i > sample_index):
             rep.sample, rep.sample_where = fitted, rec.where
     rep.exact_duplicates = deduplicate(records, "exact")[1].removed
@@ -90,6 +95,8 @@ def inspect_data(
     labels = labels_of(records)
     rep.labels = Counter(labels) if labels else None
     rep.packed_rows = len(pack_rows(fitted_lengths, max_length)) if fitted_lengths else 0
+    if kept:
+        rep.batching = choose_batching(kept, batch_size, 42, packing=False, group_by_length="auto")
     return rep
 
 
@@ -144,6 +151,8 @@ def print_report(rep: InspectReport, tok, console: Console) -> None:
             f"{rep.tokens:,} (packed into {rep.packed_rows} rows of "
             f"{rep.max_length}: {rep.tokens / max(rep.packed_rows * rep.max_length, 1):.0%} full)",
         )
+    if rep.batching:
+        table.add_row("batching (group_by_length: auto)", rep.batching.reason)
     if rep.labels:
         table.add_row("labels", ", ".join(f"{k!r} {v}" for k, v in rep.labels.most_common()))
     console.print(table)

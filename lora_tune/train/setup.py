@@ -19,7 +19,7 @@ from rich.console import Console
 
 from lora_tune import config as C
 from lora_tune.atomic import atomic_write_text, replace_dir
-from lora_tune.data.batching import BatchStream
+from lora_tune.data.batching import BatchStream, choose_batching
 from lora_tune.data.splits import prepare as prepare_data
 from lora_tune.data.templates import resolve_chat_template
 from lora_tune.data.tokenize import TokenizeStats
@@ -135,9 +135,15 @@ def setup_run(cfg: C.RunCfg, records: tuple[list, list], resume: bool, overwrite
     optimizer = build_optimizer(params, tc)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
     parts = StepParts(model, SFT(chunked=tc.chunked_loss), optimizer, scaler, params, precision, tc.max_grad_norm)
-    strategy = "pack" if cfg.data.packing else "group_by_length" if cfg.data.group_by_length else "pad"
+    batching = choose_batching(train_ex, tc.micro_batch_size, tc.seed, cfg.data.packing, cfg.data.group_by_length)
+    console.print(f"batching: {batching.reason}", highlight=False)
     stream = BatchStream(
-        train_ex, tc.micro_batch_size, tc.seed, tok.pad_token_id, strategy=strategy, max_length=cfg.data.max_length
+        train_ex,
+        tc.micro_batch_size,
+        tc.seed,
+        tok.pad_token_id,
+        strategy=batching.strategy,
+        max_length=cfg.data.max_length,
     )
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * len(stream) / tc.grad_accum))
     # evaluating in batches no larger than training's keeps evaluation within the memory training needs
