@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lora_tune.bench.compare import write_results_json
 from lora_tune.bench.quality_data import TASKS, build_tasks
 from lora_tune.config import ModelCfg
 from lora_tune.data.batching import BatchStream
@@ -34,6 +35,14 @@ from lora_tune.train.optim import lr_factor
 
 HERE = Path(__file__).parent
 DATA = HERE / "data" / "quality"
+
+
+def trl_supervised(sample: dict) -> list[int]:
+    """The positions TRL trains on in one of its tokenized samples (all of them for plain text)."""
+    if "completion_mask" in sample:
+        return [j for j, m in enumerate(sample["completion_mask"]) if m]
+    labelled = [j for j, lab in enumerate(sample.get("labels", [])) if lab != -100]
+    return labelled or list(range(len(sample["input_ids"])))
 
 
 def supervised_tokens() -> dict:
@@ -67,22 +76,17 @@ def supervised_tokens() -> dict:
         ours, _ = encode_records(ours_tok, load_records(train), 256)
         same_ids = same_sup = 0
         for t, e in zip(trl, ours, strict=False):
-            t_sup = [j for j, lab in enumerate(t.get("labels", [])) if lab != -100]
-            if "completion_mask" in t:
-                t_sup = [j for j, m in enumerate(t["completion_mask"]) if m]
-            elif not t_sup:  # text: TRL trains on every token
-                t_sup = list(range(len(t["input_ids"])))
             e_sup = [j for j, lab in enumerate(e.labels) if lab != IGNORE]
             same_ids += list(t["input_ids"]) == e.input_ids
-            same_sup += t_sup == e_sup
+            same_sup += trl_supervised(t) == e_sup
         first_t, first_e = trl[0], ours[0]
-        t_sup = [j for j, lab in enumerate(first_t.get("labels", [])) if lab != -100]
+        t_sup = trl_supervised(first_t)
         out[task.name] = {
             "records": [len(trl), len(ours)],
             "same_input_ids": same_ids,
             "same_supervised_positions": same_sup,
             "first_supervised": {
-                "trl": tok.decode([first_t["input_ids"][j] for j in t_sup][:16]) if t_sup else "(all tokens)",
+                "trl": tok.decode([first_t["input_ids"][j] for j in t_sup][:16]),
                 "ours": ours_tok.decode([v for v in first_e.labels if v != IGNORE][:16]),
             },
         }
@@ -232,9 +236,7 @@ def main() -> None:
         "grouping": grouping(),
         "token_weights": token_weights(),
     }
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / f"quality-causes-{stamp}.json").write_text(json.dumps(result, indent=2))
+    write_results_json(HERE, "quality-causes", result)
     print(json.dumps(result, indent=2))
 
 

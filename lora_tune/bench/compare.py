@@ -66,6 +66,15 @@ def versions() -> dict:
     return out
 
 
+def write_results_json(out_dir: Path, prefix: str, result: dict) -> Path:
+    """`<out_dir>/results/<prefix>-<UTC stamp>.json`, written atomically; returns its path."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
+    path = Path(out_dir) / "results" / f"{prefix}-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(result, indent=2))
+    return path
+
+
 MEDIANS = ("tokens_per_s", "peak_mb", "val_loss", "step_s", "padding_share", "mfu")
 
 
@@ -264,9 +273,7 @@ def compare(
         "runs": runs,
         "summary": summarize(runs),
     }
-    (out_dir / "results").mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
-    (out_dir / "results" / f"trl-{stamp}.json").write_text(json.dumps(result, indent=2))
+    write_results_json(out_dir, "trl", result)
     results_md = out_dir / "RESULTS.md"
     old = results_md.read_text() if results_md.exists() else ""
     kept = old[old.find("\n## ") :] if "\n## " in old else ""  # sections appended by hand or by ablation.py

@@ -224,7 +224,7 @@ def run_quality(
     log=print,
 ) -> dict:
     """Train and score every (task, tool, seed), tools alternating; write results JSON and RESULTS.md."""
-    from lora_tune.bench.compare import _git_sha, hardware, versions
+    from lora_tune.bench.compare import _git_sha, hardware, versions, write_results_json
     from lora_tune.runtime import cpu_bf16_flag
 
     out_dir = Path(out_dir)
@@ -278,9 +278,7 @@ def run_quality(
         "runs": runs,
         "summary": summarize(runs),
     }
-    (out_dir / "results").mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
-    (out_dir / "results" / f"quality-{stamp}.json").write_text(json.dumps(result, indent=2))
+    write_results_json(out_dir, "quality", result)
     partial.unlink(missing_ok=True)
     update_results(out_dir / "RESULTS.md", markdown(result))
     return result
