@@ -21,6 +21,24 @@ def main() -> None:
     _quiet_known_noise()
 
 
+# commands that train run under a lean malloc (lora_tune.allocator): the first words of their command lines
+TRAINING_COMMANDS = (("train",), ("demo",), ("sweep",), ("recipes", "run"))
+
+
+def entry() -> None:
+    """The `lora-tune` program: `main`, re-executed first under tcmalloc or mimalloc for the commands
+    that train (LORA_TUNE_ALLOCATOR=system keeps glibc's malloc)."""
+    from lora_tune.allocator import reexec_under
+
+    words = [a for a in sys.argv[1:] if not a.startswith("-")]
+    if any(tuple(words[: len(c)]) == c for c in TRAINING_COMMANDS):
+        try:
+            reexec_under()
+        except LoraTuneError as e:
+            _fail(e)
+    main()
+
+
 def _quiet_known_noise() -> None:
     """Silence third-party messages that are harmless here and would hide our own output."""
     import logging
@@ -573,15 +591,18 @@ def recipes_run(name, overrides, smoke, merge, output_dir, resume, overwrite, re
 
 @main.command()
 @click.option("--out", default="benchmarks", show_default=True, help="folder for results/*.json, RESULTS.md, PNG")
-@click.option("--reps", default=3, show_default=True, type=click.IntRange(min=1), help="runs per tool and setting")
-@click.option("--steps", default=8, show_default=True, type=click.IntRange(min=1), help="timed steps per run")
+@click.option("--reps", default=2, show_default=True, type=click.IntRange(min=1), help="runs per tool and setting")
+@click.option("--steps", default=6, show_default=True, type=click.IntRange(min=1), help="timed steps per run")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=1), help="untimed first steps")
 @click.option("--only", multiple=True, help="run only these configurations (repeatable), e.g. --only qlora-nf4")
+@click.option(
+    "--kinds", default="native,avx2", show_default=True, help="CPU kinds to run on: native, avx2 (AVX2 kernels only)"
+)
 @click.option("--quality", is_flag=True, help="task metrics at equal steps over seeds instead of speed and memory")
 @click.option("--seeds", default="0,1,2", show_default=True, help="--quality: comma-separated seeds")
 @click.option("--tasks", default=None, help="--quality: comma-separated tasks (default: all)")
 @click.option("--ablate", is_flag=True, help="--quality: add runs with one lora_tune default changed at a time")
-def bench(out, reps, steps, warmup, only, quality, seeds, tasks, ablate) -> None:
+def bench(out, reps, steps, warmup, only, kinds, quality, seeds, tasks, ablate) -> None:
     """lora_tune vs TRL SFTTrainer + PEFT side by side: tokens/s, peak memory, MFU, padding, val loss;
     with --quality, task metrics (macro-F1, exact match, perplexity) over several seeds."""
     import importlib.util
@@ -607,14 +628,20 @@ def bench(out, reps, steps, warmup, only, quality, seeds, tasks, ablate) -> None
         except LoraTuneError as e:
             _fail(e)
         return
-    from lora_tune.bench.compare import MATRIX, compare
+    from lora_tune.bench.compare import CPU_KINDS, MATRIX, compare
 
-    matrix = [m for m in MATRIX if not only or m[0] in only]
+    kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip())
+    if not kind_list or set(kind_list) - set(CPU_KINDS):
+        _fail(LoraTuneError(f"--kinds {kinds!r}: choose from {', '.join(CPU_KINDS)}"))
+
+    matrix = [m for m in MATRIX if not only or m.name in only]
     if not matrix:
-        _fail(LoraTuneError(f"no configuration named {', '.join(only)}; choose from {', '.join(m[0] for m in MATRIX)}"))
+        _fail(
+            LoraTuneError(f"no configuration named {', '.join(only)}; choose from {', '.join(m.name for m in MATRIX)}")
+        )
     if importlib.util.find_spec("trl") is None:
         _fail(no_trl)
-    compare(Path(out), reps=reps, steps=steps, warmup=warmup, matrix=matrix, log=click.echo)
+    compare(Path(out), reps=reps, steps=steps, warmup=warmup, matrix=matrix, kinds=kind_list, log=click.echo)
 
 
 @main.command("config-reference")
@@ -628,4 +655,4 @@ def config_reference() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -115,6 +115,9 @@ class TrainCfg:
     betas: list[float] = _f([0.9, 0.999], "AdamW betas")
     gradient_checkpointing: bool = _f(True, "recompute activations in backward (non-reentrant)")
     chunked_loss: bool = _f(True, "LM head + cross-entropy a chunk of positions at a time (never all logits at once)")
+    compile: bool | Literal["auto"] = _f(
+        "auto", "torch.compile each decoder layer; auto: on the CPU for runs of 100+ steps (where it was measured)"
+    )
     precision: Precision = _f("auto", "auto: bf16 where the GPU or CPU has it, else fp16+GradScaler (GPU) or fp32")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train")
     log_every: int = _f(1, "print a progress line every N steps when not on a terminal")
@@ -163,6 +166,7 @@ SECTIONS: dict[str, type] = {
 # Keys that may change between a run and its resume without changing the result.
 RESUME_SAFE_KEYS = {
     "output_dir",
+    "train.compile",  # changes rounding in the last digits, not the computation
     "train.log_every",
     "train.report_to",
     "train.save_every",

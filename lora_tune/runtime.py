@@ -73,19 +73,32 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16 and AMX;
 def cpu_bf16_flag(cpuinfo: str | None = None) -> str | None | bool:
     """The bf16 instruction set this CPU lists ("avx512_bf16", ...), False when it lists its features
     without one, None when they are unknown (no /proc/cpuinfo)."""
+    flags = cpu_flags(cpuinfo)
+    if not flags:
+        return None
+    return next((f for f in BF16_CPU_FLAGS if f in flags), False)
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The feature flags the CPU lists in /proc/cpuinfo (x86 "flags", Arm "Features"); empty if unknown."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
-            return None
+            return set()
     flags: set[str] = set()
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
             flags |= set(value.split())
-    if not flags:
-        return None
-    return next((f for f in BF16_CPU_FLAGS if f in flags), False)
+    return flags
+
+
+def x86_kernels_use_bf16(flag: str, kernels: str) -> bool:
+    """Whether torch's CPU kernels can use an x86 CPU's bf16 instructions: not when they are limited to
+    AVX2 or less (by ATEN_CPU_CAPABILITY, or a build without AVX-512), where bf16 runs ~20-100x slower
+    than fp32. Arm's bf16 flag needs no such check."""
+    return not flag.endswith("_bf16") or kernels.startswith(("AVX512", "AMX"))
 
 
 def cpu_bf16_speedup(size: int = 512, rounds: int = 5) -> float:
@@ -140,6 +153,10 @@ def choose_precision(
             return Precision(device, torch.bfloat16, "bf16 autocast: this GPU supports bf16")
         return Precision(device, torch.float16, "fp16 autocast + GradScaler: this GPU has no bf16")
     flag = cpu_bf16_flag()
+    kernels = torch.backends.cpu.get_cpu_capability()
+    if flag and not x86_kernels_use_bf16(flag, kernels):
+        why = f"fp32: this CPU has {flag}, but torch runs {kernels} kernels here (ATEN_CPU_CAPABILITY)"
+        return Precision(device, torch.float32, why)
     if flag:
         return Precision(device, torch.bfloat16, f"bf16 autocast: this CPU has bf16 instructions ({flag})")
     if flag is False:
@@ -166,9 +183,17 @@ def evaluating(model):
     if was_training:
         for layer in _bnb_4bit_layers(model):
             layer.train()
+    # Layers compiled for training (train.compile) run eagerly here: their graphs are for training's
+    # grad mode, and generation's growing KV cache would compile a new graph every few tokens.
+    compiled = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    kept = [m._compiled_call_impl for m in compiled]
+    for m in compiled:
+        m._compiled_call_impl = None
     try:
         yield model
     finally:
+        for m, impl in zip(compiled, kept, strict=True):
+            m._compiled_call_impl = impl
         model.train(was_training)
 
 

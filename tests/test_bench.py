@@ -231,6 +231,7 @@ def test_benchmark_summary_and_table():
     run = {
         "tool": "ours",
         "name": "x",
+        "cpu_kind": "native",
         "tokens_per_s": 10.0,
         "peak_mb": 5.0,
         "val_loss": 1.0,
@@ -239,35 +240,78 @@ def test_benchmark_summary_and_table():
         "gradient_checkpointing": True,
         "r": 16,
     }
-    runs = [run, {**run, "tool": "trl", "tokens_per_s": 5.0, "peak_mb": 10.0, "padding_share": 0.5}]
+    trl = {**run, "tool": "trl", "tokens_per_s": 5.0, "peak_mb": 10.0, "padding_share": 0.5}
+    # a second repetition of each: ours slower and larger, TRL faster and smaller
+    runs = [run, trl, {**run, "tokens_per_s": 8.0, "peak_mb": 7.0}, {**trl, "tokens_per_s": 6.0, "peak_mb": 9.0}]
+    runs.append({**run, "cpu_kind": "avx2", "tokens_per_s": 3.0})  # another kind is another row
+    runs.append({**trl, "cpu_kind": "avx2", "tokens_per_s": 2.0})
     shape = dict(vocab=100, hidden=8, intermediate=16, layers=2, heads=2, kv_heads=2, head_dim=4, tied=True)
     no_ckpt = {**run, "tool": "ours-no-ckpt", "gradient_checkpointing": False}
-    add_mfu([*runs, no_ckpt], {"shape": shape, "attention_seq_len": 10.0, "peak_flops": 1e6})
+    add_mfu([*runs[:2], no_ckpt], {"shape": shape, "attention_seq_len": 10.0, "peak_flops": 1e6})
     # each run is credited with its own settings' work: the same tokens/s without recomputation is less MFU
     from lora_tune.bench.flops import flops_per_token
 
     ratio = flops_per_token(ModelShape(**shape), 10.0, False, 16) / flops_per_token(ModelShape(**shape), 10.0, True, 16)
     assert no_ckpt["mfu"] == pytest.approx(runs[0]["mfu"] * ratio) and ratio < 1
     summary = summarize(runs)
-    assert summary[0]["speedup"] == 2.0 and summary[0]["memory_ratio"] == 0.5
-    assert summary[0]["trl"]["padding_share"] == 0.5
+    native, avx2 = summary
+    assert (native["cpu_kind"], avx2["cpu_kind"]) == ("native", "avx2")
+    assert native["speedup"] == pytest.approx(9.0 / 5.5)  # medians
+    assert native["worst_speedup"] == pytest.approx(8.0 / 6.0)  # our slowest run against TRL's fastest
+    assert native["memory_ratio"] == pytest.approx(7.0 / 9.0)  # our highest peak against TRL's lowest
+    assert native["trl"]["padding_share"] == 0.5 and avx2["speedup"] == 1.5
     md = markdown(
         {
             "date": "d",
             "git_sha": "s",
-            "hardware": {"cpu": "c", "cores": 2, "gpu": None},
+            "hardware": {"cpu": "c", "cores": 2, "gpu": None, "cpu_flags": ["avx2", "fma"]},
             "versions": {},
-            "data": "d",
-            "micro_batch_size": 1,
-            "max_length": 8,
             "warmup_steps": 1,
             "steps": 1,
-            "reps": 1,
+            "reps": 2,
             "summary": summary,
         }
     )
-    assert "| x | 10 | 5 | 2.00x |" in md
+    assert "CPU flags: avx2, fma" in md and "### native" in md and "### avx2" in md
+    assert "| x | 9 | 6 | 1.64x | 1.33x | 5, 7 | 10, 9 | 0.78 |" in md
     assert "| 25.0% | 50.0% |" in md
+
+
+def test_worker_env_gives_ours_the_allocator_and_each_kind_its_kernels_and_cache(tmp_path):
+    from lora_tune.allocator import find_library
+    from lora_tune.bench.compare import worker_env
+    from lora_tune.bench.worker import Spec
+
+    base = {"PATH": "/usr/bin"}
+    spec = dict(name="x", train_file="t", val_file="v")
+    ours, trl = (worker_env(Spec(tool=t, cpu_kind="avx2", **spec), base) for t in ("ours", "trl"))
+    assert ours["ATEN_CPU_CAPABILITY"] == trl["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert "LD_PRELOAD" not in trl  # TRL runs under the system's malloc, as its users do
+    assert find_library("mimalloc") in ours["LD_PRELOAD"] or find_library("tcmalloc") in ours["LD_PRELOAD"]
+    native = worker_env(Spec(tool="ours", **spec), base)
+    assert "ATEN_CPU_CAPABILITY" not in native
+    assert native["TORCHINDUCTOR_CACHE_DIR"] != ours["TORCHINDUCTOR_CACHE_DIR"]
+    assert "LD_PRELOAD" not in worker_env(Spec(tool="ours", allocator="system", **spec), base)
+
+
+def test_hardware_records_the_cpu_flags():
+    from lora_tune.bench.compare import SIMD_FLAGS, hardware
+    from lora_tune.runtime import cpu_flags
+
+    hw = hardware()
+    assert set(hw["cpu_flags"]) == cpu_flags() & set(SIMD_FLAGS) and hw["kernels"]
+
+
+def test_long_bench_data_is_cut_by_every_max_length(tmp_path, tiny_tokenizer):
+    from lora_tune.bench.data import write_bench_data
+    from lora_tune.data.readers import load_records
+    from lora_tune.data.tokenize import encode_records
+
+    train, _ = write_bench_data(tmp_path, n_train=20, n_val=2, shape="long")
+    records = load_records(train)
+    assert all(16 <= sum(m["role"] == "assistant" for m in r.messages) <= 24 for r in records)
+    examples, stats = encode_records(tiny_tokenizer, records, 512)
+    assert stats.truncated == len(records) and all(len(e.input_ids) == 512 for e in examples)
 
 
 def test_train_auto_fit_applies_the_plan(tiny_model_dir, chat_files, tmp_path):

@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
+from lora_tune.allocator import active as active_allocator
 from lora_tune.runtime import peak_rss_mb
 
 
@@ -42,6 +43,10 @@ class Spec:
     lr_warmup_ratio: float = 0.0
     dropout: float = 0.0
     adapter_dir: str | None = None  # save the trained adapter here
+    allocator: str = "auto"  # ours runs under what `lora-tune train` preloads (lora_tune.allocator)
+    cpu_kind: str = "native"  # native | avx2: torch's CPU kernels limited to AVX2 (see compare.CPU_KINDS)
+    data: str = "chats"  # the bench data's shape (bench.data.SHAPES), for the record
+    compile: bool | str = "auto"  # ours' train.compile (TRL runs at its default, uncompiled)
 
 
 def rss_mb() -> float:
@@ -73,6 +78,8 @@ def run_ours(spec: Spec, base_rss: float) -> dict:
     overrides = {
         "model.source": spec.model,
         "model.quantization": spec.quantization,
+        # fp32 means fp32 compute for both tools (TRL runs with bf16=False), not our bf16 autocast
+        "train.precision": "fp32" if spec.quantization == "fp32" else None,
         "data.train_file": spec.train_file,
         "data.val_file": spec.val_file or None,
         "data.max_length": spec.max_length,
@@ -85,6 +92,7 @@ def run_ours(spec: Spec, base_rss: float) -> dict:
         "train.schedule": spec.schedule,
         "train.seed": spec.seed,
         "train.gradient_checkpointing": spec.gradient_checkpointing,
+        "train.compile": spec.compile,
         "train.save_every": 0,
         "lora.r": spec.r,
         "lora.alpha": 2 * spec.r,
@@ -106,6 +114,9 @@ def run_ours(spec: Spec, base_rss: float) -> dict:
         "padded_tokens": sum(r["padded_tokens"] for r in timed),
         "supervised_tokens": sum(r["tokens"] for r in timed),
         "steps": len(timed),
+        "warmup_s": rows[spec.warmup_steps - 1]["time"]
+        - rows[0]["time"]
+        + rows[0]["real_tokens"] / rows[0]["tokens_per_s"],
         "val_loss": vals[-1] if vals else None,
         "train_losses": [r["loss"] for r in rows],
         "peak_mb": peak_rss_mb() - base_rss,
@@ -247,6 +258,8 @@ def main() -> None:
     result["step_s"] = result["seconds"] / result["steps"]
     result["padding_share"] = 1 - result["real_tokens"] / result["padded_tokens"]
     result["threads"] = torch.get_num_threads()
+    result["kernels"] = torch.backends.cpu.get_cpu_capability()
+    result["allocator_active"] = active_allocator()
     print("BENCH " + json.dumps({**asdict(spec), **result}))
 
 

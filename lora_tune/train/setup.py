@@ -17,6 +17,7 @@ import torch
 import yaml
 from rich.console import Console
 
+from lora_tune import allocator
 from lora_tune import config as C
 from lora_tune.atomic import atomic_write_text, replace_dir
 from lora_tune.data.batching import BatchStream, choose_batching
@@ -27,6 +28,7 @@ from lora_tune.errors import LoraTuneError
 from lora_tune.models import attach_lora, count_parameters, load_model, prepare_for_training, resolve_source
 from lora_tune.runtime import choose_device, choose_precision
 from lora_tune.train.checkpoint import latest_checkpoint, latest_good_checkpoint, load_checkpoint, read_state
+from lora_tune.train.compile import choose_compile, compile_layers
 from lora_tune.train.metrics import MetricsLog
 from lora_tune.train.objectives import SFT
 from lora_tune.train.optim import build_optimizer, build_scheduler
@@ -114,6 +116,8 @@ def setup_run(cfg: C.RunCfg, records: tuple[list, list], resume: bool, overwrite
     weight_dtype = cfg.model.quantization if cfg.model.quantization in ("bf16", "fp16") else None
     precision = choose_precision(tc.precision, device, weight_dtype, saved.precision if saved else None)
     console.print(f"device: {device}, precision: {precision.reason}")
+    if device.type == "cpu":
+        console.print(f"allocator: {allocator.describe()}", highlight=False)
 
     set_seed(tc.seed)
     model, tok = load_model(cfg.model, precision, resolve_source(cfg.model.source, log=console.print))
@@ -151,6 +155,10 @@ def setup_run(cfg: C.RunCfg, records: tuple[list, list], resume: bool, overwrite
         val_ex, cfg.eval.batch_size or tc.micro_batch_size, tc.seed, tok.pad_token_id, shuffle=False
     )
     scheduler = build_scheduler(optimizer, tc, total_steps)
+    compiling = choose_compile(tc.compile, device, total_steps)
+    if compiling.on:
+        compile_layers(model)
+    console.print(f"compile: {compiling.reason}", highlight=False)
     run = Run(cfg, console, parts, scheduler, stream, val_stream, tok, report.val_records, TrainState(), total_steps)
     _start_or_restore(run, ckpt)
     return run
