@@ -4,9 +4,10 @@ Training allocates and frees the same few large blocks (activations, recomputed 
 chunks) every step. glibc's malloc serves them from heaps that fragment, and keeps what is freed, so
 peak RSS carries about a gigabyte of slack that moves from run to run; sending large blocks to mmap
 instead (a low MALLOC_MMAP_THRESHOLD_) removes the slack but pays a page fault for every page of
-every block. tcmalloc and mimalloc reuse freed blocks by size class: measured on SmolLM2-135M, fp32,
-8 x 256 tokens (benchmarks/RESULTS.md), peak RSS above the import baseline went from 2958 MB with glibc
-to 938 MB (tcmalloc) and 995 MB (mimalloc), with steps 6% and 2% faster.
+every block. tcmalloc and mimalloc reuse freed blocks by size class: in the ablation of
+benchmarks/RESULTS.md (SmolLM2-135M, 8 x 256 full-length tokens), peak RSS above the import baseline
+was 1692 MB with glibc, 1033 MB with tcmalloc and 1069 MB with mimalloc in fp32 (898 / 649 / 677 MB in
+bf16); tcmalloc's steps were 2-6% faster than glibc's, mimalloc's 3-4% slower.
 
 An allocator has to be in place before the interpreter starts, so `lora-tune train` (and the other
 commands that train) re-executes itself once with LD_PRELOAD naming it, as PyTorch's own CPU

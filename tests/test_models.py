@@ -12,7 +12,7 @@ from lora_tune.models import (
     prepare_for_training,
     resolve_source,
 )
-from lora_tune.runtime import Precision, choose_precision, cpu_bf16_flag
+from lora_tune.runtime import Precision, choose_precision, cpu_bf16_flag, x86_kernels_use_bf16
 
 CPU32 = Precision(torch.device("cpu"), torch.float32, "test")
 CPU16 = Precision(torch.device("cpu"), torch.bfloat16, "test")
@@ -124,8 +124,10 @@ def test_precision_choices():
     assert choose_precision("auto", cpu, weight_dtype="bf16").dtype is torch.bfloat16
     auto = choose_precision("auto", cpu)
     flag = cpu_bf16_flag()  # decided by this CPU's bf16 instructions where it lists its features
-    if flag:
+    if flag and x86_kernels_use_bf16(flag, torch.backends.cpu.get_cpu_capability()):
         assert auto.dtype is torch.bfloat16 and flag in auto.reason
+    elif flag:
+        assert auto.dtype is torch.float32 and "kernels" in auto.reason
     elif flag is False:
         assert auto.dtype is torch.float32 and "no bf16 instructions" in auto.reason
     else:
@@ -135,6 +137,23 @@ def test_precision_choices():
         choose_precision("fp16", cpu)
     with pytest.raises(LoraTuneError, match="does not match"):
         choose_precision("fp32", cpu, weight_dtype="bf16")
+
+
+def test_precision_follows_the_kernels_torch_runs_not_only_the_cpu_flags():
+    """With torch's kernels held to AVX2 (ATEN_CPU_CAPABILITY, or a CPU without AVX-512), bf16 runs at a
+    small fraction of fp32's speed even where the CPU lists avx512_bf16, so auto picks fp32."""
+    import os
+    import subprocess
+    import sys
+
+    assert x86_kernels_use_bf16("avx512_bf16", "AVX512") and x86_kernels_use_bf16("bf16", "DEFAULT")  # Arm
+    assert not x86_kernels_use_bf16("avx512_bf16", "AVX2") and not x86_kernels_use_bf16("amx_bf16", "DEFAULT")
+    code = "import torch; from lora_tune.runtime import choose_precision as c; print(c('auto', torch.device('cpu')))"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
+    assert "torch.float32" in out
+    if cpu_bf16_flag():
+        assert "torch runs AVX2 kernels here" in out
 
 
 def test_validation_does_not_break_qlora_gradients(tiny_model_dir):

@@ -6,8 +6,11 @@ one graph for every sequence length that length-grouped batches bring. Gradient 
 the compiled layer, so recomputation runs compiled code too; bitsandbytes 4-bit layers trace through
 their registered torch ops.
 
-Measured (benchmarks/RESULTS.md, ablation): steady steps 20-27% faster in bf16 and NF4, about 9% in
-fp32, where the matmuls dominate; the one-off compile takes 20-30 s on two cores. `auto` compiles
+Measured (benchmarks/RESULTS.md, ablation, SmolLM2-135M on 2 cores): 1.22x the tokens/s of eager
+layers in bf16, 1.18x in fp32 (1.09x with AVX2 kernels, where the matmuls dominate more), about 1.2x
+for NF4 in a probe; the one-off compile takes 20-30 s (a few seconds once inductor's cache holds it).
+Inductor's cache is not keyed by ATEN_CPU_CAPABILITY: whoever switches it needs a TORCHINDUCTOR_CACHE_DIR
+per setting. `auto` compiles
 where that is repaid and measured: on the CPU (Linux, with a C++ compiler for inductor), for runs of
 at least AUTO_MIN_STEPS steps. On CUDA it is not measured yet, so `auto` leaves it off there.
 """
