@@ -25,15 +25,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lora_tune.bench.worker import rss_mb
+
 HERE = Path(__file__).parent
 # column order of torch.profiler's memory timeline export (index 0 is unused)
 CATEGORIES = ("parameter", "optimizer_state", "input", "temporary", "activation", "gradient", "autograd_detail")
 ALLOCATORS = ("system", "tcmalloc", "mimalloc")
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
 class Sampler(threading.Thread):

@@ -38,23 +38,23 @@ def _losses(run_dir) -> list[float]:
     return [r["loss"] for r in map(json.loads, lines) if r.get("split", "train") == "train"]
 
 
-@pytest.mark.slow
-def test_compiled_layers_train_like_eager_ones_with_checkpointing_and_grouped_batches(tiny_model_dir, tmp_path):
+def _train_eager_and_compiled(model_dir, tmp_path, **over) -> dict[bool, list[float]]:
+    """The per-step training losses of the same run with train.compile false and true."""
     from lora_tune.finetune import finetune
 
     train = _varied_chats(tmp_path)
-    over = {
-        "train.max_steps": 4,
-        "train.gradient_checkpointing": True,
-        "data.group_by_length": True,
-        "lora.dropout": 0.0,
-        "train.save_every": 0,
-    }
+    over = {"train.gradient_checkpointing": True, "lora.dropout": 0.0, "train.save_every": 0, **over}
     runs = {}
     for setting in (False, True):
         out = tmp_path / f"compile-{setting}"
-        finetune(tiny_config(tiny_model_dir, train, None, out, **over, **{"train.compile": setting}))
+        finetune(tiny_config(model_dir, train, None, out, **over, **{"train.compile": setting}))
         runs[setting] = _losses(out)
+    return runs
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_like_eager_ones_with_checkpointing_and_grouped_batches(tiny_model_dir, tmp_path):
+    runs = _train_eager_and_compiled(tiny_model_dir, tmp_path, **{"train.max_steps": 4, "data.group_by_length": True})
     assert len(runs[True]) == 4
     assert runs[True] == pytest.approx(runs[False], rel=1e-4)
 
@@ -62,22 +62,8 @@ def test_compiled_layers_train_like_eager_ones_with_checkpointing_and_grouped_ba
 @pytest.mark.slow
 def test_compiled_4bit_layers_train_like_eager_ones(tiny_model_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from lora_tune.finetune import finetune
-
-    train = _varied_chats(tmp_path)
-    over = {
-        "model.quantization": "nf4",
-        "train.precision": "bf16",
-        "train.max_steps": 3,
-        "train.gradient_checkpointing": True,
-        "lora.dropout": 0.0,
-        "train.save_every": 0,
-    }
-    runs = {}
-    for setting in (False, True):
-        out = tmp_path / f"nf4-{setting}"
-        finetune(tiny_config(tiny_model_dir, train, None, out, **over, **{"train.compile": setting}))
-        runs[setting] = _losses(out)
+    over = {"model.quantization": "nf4", "train.precision": "bf16", "train.max_steps": 3}
+    runs = _train_eager_and_compiled(tiny_model_dir, tmp_path, **over)
     # bf16 compute: fused kernels round differently, so equal to bf16's precision, not bit for bit
     assert runs[True] == pytest.approx(runs[False], rel=2e-2)
 

@@ -101,7 +101,7 @@ def hardware() -> dict:
     return {
         "cpu": cpu,
         "cores": torch.get_num_threads(),
-        "cpu_flags": sorted(cpu_flags() & set(SIMD_FLAGS)),
+        "cpu_flags": sorted(cpu_flags(info) & set(SIMD_FLAGS)),
         "kernels": torch.backends.cpu.get_cpu_capability(),
         "gpu": gpu,
         "platform": platform.platform(),

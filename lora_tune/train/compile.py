@@ -10,9 +10,11 @@ Measured (benchmarks/RESULTS.md, ablation, SmolLM2-135M on 2 cores): 1.22x the t
 layers in bf16, 1.18x in fp32 (1.09x with AVX2 kernels, where the matmuls dominate more), about 1.2x
 for NF4 in a probe; the one-off compile takes 20-30 s (a few seconds once inductor's cache holds it).
 Inductor's cache is not keyed by ATEN_CPU_CAPABILITY: whoever switches it needs a TORCHINDUCTOR_CACHE_DIR
-per setting. `auto` compiles
-where that is repaid and measured: on the CPU (Linux, with a C++ compiler for inductor), for runs of
-at least AUTO_MIN_STEPS steps. On CUDA it is not measured yet, so `auto` leaves it off there.
+per setting.
+
+`auto` compiles where that is repaid and measured: on the CPU (Linux, with a C++ compiler for
+inductor), for runs of at least AUTO_MIN_STEPS steps. On CUDA it is not measured yet, so `auto` leaves
+it off there.
 """
 
 from __future__ import annotations
