@@ -25,6 +25,7 @@ from lora_tune.errors import ConfigError
 Quantization = Literal["nf4", "fp4", "int8", "bf16", "fp16", "fp32"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Tracker = Literal["tensorboard", "mlflow", "wandb"]
+Objective = Literal["sft", "dpo", "orpo", "simpo", "kto"]
 # tracker -> (the module it needs, the extra that installs it)
 TRACKER_PACKAGES = {
     "tensorboard": ("tensorboard", "tensorboard"),
@@ -48,6 +49,7 @@ class ModelCfg:
     trust_remote_code: bool = _f(False, "allow model code from the hub to run (opt-in; only for sources you trust)")
     revision: str | None = _f(None, "hub revision (branch, tag or commit) to load")
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa, eager, or flash_attention_2")
+    adapter: str | None = _f(None, "start from this adapter folder and continue training it (e.g. SFT, then DPO)")
 
 
 @dataclass
@@ -67,9 +69,9 @@ class DataCfg:
     val_file: str | None = _f(None, "validation data in the same format (optional)")
     val_fraction: float = _f(0.0, "hold out this fraction of train_file for validation when no val_file")
     split: str = _f("train", "split to read when train_file/val_file is a hub dataset id")
-    format: Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"] = _f(
-        "auto", "record format; auto-detected per record from its fields"
-    )
+    format: Literal[
+        "auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages", "preference", "openai_preference", "kto"
+    ] = _f("auto", "record format; auto-detected per record from its fields")
     columns: dict[str, str] = _f({}, "map our field names to yours, e.g. {prompt: question, completion: answer}")
     max_length: int = _f(1024, "maximum tokens per sample (and per packed row)")
     truncation: Literal["truncate", "keep_end", "drop"] = _f(
@@ -130,6 +132,33 @@ class TrainCfg:
     early_stopping_min_delta: float = _f(0.0, "an improvement must lower val loss by more than this")
     load_best_at_end: bool = _f(False, "the final adapter is the best evaluation's weights (saved when found)")
     report_to: list[Tracker] = _f([], "experiment trackers: tensorboard, mlflow, wandb (each an optional extra)")
+    objective: Objective = _f("sft", "sft, or preference tuning: dpo, orpo, simpo, kto (settings in `preference`)")
+
+
+@dataclass
+class PreferenceCfg:
+    beta: float | None = _f(
+        None, "strength of the preference term; default: dpo/kto 0.1, orpo 0.1 (its lambda), simpo 2.0"
+    )
+    loss_type: Literal["sigmoid", "ipo"] = _f("sigmoid", "dpo: sigmoid (DPO) or ipo (squared, length-normalised)")
+    label_smoothing: float = _f(0.0, "dpo (sigmoid) and simpo: assumed share of flipped labels (conservative DPO)")
+    simpo_gamma: float = _f(1.0, "simpo: target reward margin")
+    desirable_weight: float = _f(1.0, "kto: weight of desirable examples' losses")
+    undesirable_weight: float = _f(1.0, "kto: weight of undesirable examples' losses")
+    precompute_ref: bool = _f(False, "dpo/kto: reference log-probs in one pass before training (cached)")
+    max_prompt_length: int | None = _f(
+        None, "prompt tokens kept (its end) when a sample is too long; default: half of data.max_length"
+    )
+
+
+# which preference settings each objective reads; any other set to a non-default value is an error
+PREFERENCE_KEYS = {
+    "sft": set(),
+    "dpo": {"beta", "loss_type", "label_smoothing", "precompute_ref", "max_prompt_length"},
+    "orpo": {"beta", "max_prompt_length"},
+    "simpo": {"beta", "label_smoothing", "simpo_gamma", "max_prompt_length"},
+    "kto": {"beta", "desirable_weight", "undesirable_weight", "precompute_ref", "max_prompt_length"},
+}
 
 
 @dataclass
@@ -152,6 +181,7 @@ class RunCfg:
     data: DataCfg = field(default_factory=DataCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    preference: PreferenceCfg = field(default_factory=PreferenceCfg)
     output_dir: str = _f("runs/default", "run directory: config, metrics, checkpoints, adapter")
 
 
@@ -161,6 +191,7 @@ SECTIONS: dict[str, type] = {
     "data": DataCfg,
     "train": TrainCfg,
     "eval": EvalCfg,
+    "preference": PreferenceCfg,
 }
 
 # Keys that may change between a run and its resume without changing the result.
@@ -389,10 +420,44 @@ def validate(cfg: RunCfg) -> list[str]:
         p.append(f"`train.warmup_ratio` must be in [0, 1), got {t.warmup_ratio}")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         p.append(f"`train.betas` must be two numbers in [0, 1), got {t.betas}")
+    p.extend(_validate_preference(cfg))
     for name in dict.fromkeys(t.report_to):
         module, extra = TRACKER_PACKAGES[name]
         if importlib.util.find_spec(module) is None:
             p.append(f"`train.report_to: {name}` needs the {module} package: pip install 'lora_tune[{extra}]'")
+    return p
+
+
+def _validate_preference(cfg: RunCfg) -> list[str]:
+    """The `preference` section against `train.objective`: only the objective's own keys may be set."""
+    p: list[str] = []
+    pc, objective = cfg.preference, cfg.train.objective
+    wanted = PREFERENCE_KEYS[objective]
+    for f in dataclasses.fields(PreferenceCfg):
+        if f.name not in wanted and getattr(pc, f.name) != f.default:
+            users = [o for o, keys in PREFERENCE_KEYS.items() if f.name in keys]
+            p.append(
+                f"`preference.{f.name}` does not apply to train.objective={objective} (it is read by "
+                f"{', '.join(users)}); remove it or change the objective"
+            )
+    if objective == "sft":
+        return p
+    if pc.beta is not None and pc.beta <= 0:
+        p.append(f"`preference.beta` must be > 0, got {pc.beta}")
+    if not 0 <= pc.label_smoothing < 0.5:
+        p.append(f"`preference.label_smoothing` must be in [0, 0.5), got {pc.label_smoothing}")
+    if pc.loss_type == "ipo" and pc.label_smoothing:
+        p.append("`preference.label_smoothing` applies to the sigmoid loss only, not loss_type=ipo")
+    for key in ("desirable_weight", "undesirable_weight"):
+        if getattr(pc, key) <= 0:
+            p.append(f"`preference.{key}` must be > 0, got {getattr(pc, key)}")
+    if pc.max_prompt_length is not None and not 0 < pc.max_prompt_length < cfg.data.max_length:
+        p.append(
+            f"`preference.max_prompt_length` must be > 0 and below data.max_length ({cfg.data.max_length}) so "
+            f"answers keep tokens, got {pc.max_prompt_length}"
+        )
+    if cfg.data.packing:
+        p.append(f"`data.packing` does not apply to train.objective={objective} (pairs are padded); set it to false")
     return p
 
 
@@ -466,6 +531,9 @@ def _is_local_path(value: str, base: Path) -> bool:
 
 
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("adapter"), str) and not Path(model["adapter"]).is_absolute():
+        data = {**data, "model": {**model, "adapter": str((base / model["adapter"]).resolve())}}
     sec = data.get("data")
     if isinstance(sec, dict):
         sec = dict(sec)

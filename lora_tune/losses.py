@@ -132,3 +132,16 @@ def evaluate_loss(model, batches, autocast) -> LossTotals:
     if not count:
         return LossTotals(float("nan"), 0, float("nan"))
     return LossTotals(total / count, count, correct / count)
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor], chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each row's supervised tokens [R] fp32, their count per row [R]).
+
+    The preference objectives' building block: rows are answers after their prompts, and only the
+    answer tokens are labelled, so each sum is log p(answer | prompt).
+    """
+    out = token_losses_and_accuracy(model, batch, chunked)
+    row = out.keep.nonzero(as_tuple=True)[0]
+    logps = torch.zeros(out.keep.shape[0], device=out.losses.device, dtype=torch.float32)
+    logps = logps.index_add(0, row, -out.losses.float())
+    return logps, out.keep.sum(dim=1)

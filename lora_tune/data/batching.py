@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -95,7 +95,7 @@ class Batching:
 def _plan_stats(examples: list[Example], batch_size: int, seed: int, strategy: str) -> tuple[float, float]:
     """(padding share, coefficient of variation of supervised tokens per batch) of epoch 0's plan."""
     plan = BatchStream(examples, batch_size, seed, 0, strategy=strategy).plan(0)
-    lengths = [len(e.input_ids) for e in examples]
+    lengths = [e.length for e in examples]
     real = sum(lengths)
     computed = sum(len(b) * max(lengths[r[0]] for r in b) for b in plan)
     counts = [sum(examples[r[0]].n_supervised for r in b) for b in plan]
@@ -151,11 +151,34 @@ def choose_batching(
     )
 
 
+def choose_pair_batching(examples: list, batch_size: int, seed: int, group_by_length: bool | str) -> Batching:
+    """Preference data: length grouping only changes padding (each pair weighs the same, whatever its
+    length), so `auto` groups whenever that saves at least 5 points of padding."""
+    if group_by_length is False:
+        return Batching("pad", "random batches (data.group_by_length: false)")
+    if group_by_length is True:
+        return Batching("group_by_length", "length-grouped batches (data.group_by_length: true)")
+    if len(examples) < 2 * batch_size:
+        return Batching("pad", "random batches (too few pairs for length grouping to matter)")
+    pad_share, _ = _plan_stats(examples, batch_size, seed, "pad")
+    grouped_share, _ = _plan_stats(examples, batch_size, seed, "group_by_length")
+    saving = f"padding {pad_share:.0%} -> {grouped_share:.0%}"
+    if pad_share - grouped_share < 0.05:
+        return Batching("pad", f"random batches: length grouping would save little ({saving})")
+    return Batching(
+        "group_by_length",
+        f"length-grouped batches ({saving}; each pair weighs the same whatever its length); "
+        "data.group_by_length: false turns it off",
+    )
+
+
 class BatchStream:
     """Micro-batches over `examples`; each micro-batch is a list of rows, each row a list of samples.
 
-    `pad`: random order, padded. `group_by_length`: random order, then samples of similar length batched
-    together (less padding), batches shuffled. `pack`: `batch_size` packed rows per micro-batch.
+    Samples are `tokenize.Example`s or `pairs.PrefExample`s (anything with `length` and `n_supervised`,
+    given with a `collate_fn` for it). `pad`: random order, padded. `group_by_length`: random order, then
+    samples of similar length batched together (less padding), batches shuffled. `pack`: `batch_size`
+    packed rows per micro-batch.
     """
 
     def __init__(
@@ -167,6 +190,7 @@ class BatchStream:
         shuffle: bool = True,
         strategy: str = "pad",
         max_length: int | None = None,
+        collate_fn: Callable[[list, int], dict[str, torch.Tensor]] = collate,
     ):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown batching strategy {strategy!r}")
@@ -176,6 +200,7 @@ class BatchStream:
         self.pad_id = pad_id
         self.shuffle = shuffle
         self.strategy = strategy
+        self.collate_fn = collate_fn  # padded samples; `data.pairs.collate_prefs` for preference data
         self.position = Position()
         self._cached: tuple[int, list[list[list[int]]]] | None = None
         self._rows = None
@@ -209,7 +234,7 @@ class BatchStream:
                 order = [
                     i
                     for w in range(0, len(order), window)
-                    for i in sorted(order[w : w + window], key=lambda j: -len(self.examples[j].input_ids) * jitter[j])
+                    for i in sorted(order[w : w + window], key=lambda j: -self.examples[j].length * jitter[j])
                 ]
             batches = [[[i] for i in order[k : k + bs]] for k in range(0, len(order), bs)]
             if self.strategy == "group_by_length" and self.shuffle:
@@ -224,7 +249,7 @@ class BatchStream:
     def collate(self, batch: list[list[int]]) -> dict[str, torch.Tensor]:
         if self.strategy == "pack":
             return collate_packed([[self.examples[i] for i in row] for row in batch], self.pad_id)
-        return collate([self.examples[row[0]] for row in batch], self.pad_id)
+        return self.collate_fn([self.examples[row[0]] for row in batch], self.pad_id)
 
     def next(self) -> dict[str, torch.Tensor]:
         """The next micro-batch, moving to a new epoch when one ends."""

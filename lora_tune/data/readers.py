@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lora_tune.data.formats import Record, parse_record
 from lora_tune.errors import DataError, LoraTuneError
@@ -134,9 +136,17 @@ def _hub_objects(name: str, split: str, problems: list[str]):
 
 
 def read_records(
-    source: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None, split: str = "train"
-) -> tuple[list[Record], list[str]]:
-    """All valid records and every problem found (nothing raised for bad records)."""
+    source: str | Path,
+    fmt: str = "auto",
+    columns: dict[str, str] | None = None,
+    split: str = "train",
+    parse: Callable[..., tuple[Any, list[str]]] = parse_record,
+) -> tuple[list, list[str]]:
+    """All valid records and every problem found (nothing raised for bad records).
+
+    `parse(obj, where, fmt, columns)` turns one decoded object into a record: SFT records by default,
+    preference records with `data.pairs.parse_pref_record`.
+    """
     path = Path(source)
     records: list[Record] = []
     problems: list[str] = []
@@ -148,7 +158,7 @@ def read_records(
         raise LoraTuneError(f"data file {source} does not exist; check data.train_file / data.val_file")
     for stream in streams:
         for obj, where in stream:
-            rec, errs = parse_record(obj, where, fmt, columns)
+            rec, errs = parse(obj, where, fmt, columns)
             problems.extend(errs)
             if rec is not None:
                 records.append(rec)
@@ -156,10 +166,14 @@ def read_records(
 
 
 def load_records(
-    source: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None, split: str = "train"
-) -> list[Record]:
+    source: str | Path,
+    fmt: str = "auto",
+    columns: dict[str, str] | None = None,
+    split: str = "train",
+    parse: Callable[..., tuple[Any, list[str]]] = parse_record,
+) -> list:
     """Records of `source`; raises DataError listing every invalid record, or if there are none."""
-    records, problems = read_records(source, fmt, columns, split)
+    records, problems = read_records(source, fmt, columns, split, parse)
     if problems:
         raise DataError(problems)
     if not records:

@@ -13,16 +13,25 @@ from dataclasses import dataclass, field
 
 from lora_tune.config import DataCfg
 from lora_tune.data import cache
-from lora_tune.data.formats import Record
+from lora_tune.data.formats import Record, parse_record
 from lora_tune.data.hygiene import DedupReport, deduplicate, labels_of, leaked, oversample
+from lora_tune.data.pairs import PREF_FORMATS, PairStats, PrefExample, encode_prefs, parse_pref_record
 from lora_tune.data.readers import load_records
 from lora_tune.data.tokenize import Example, TokenizeStats, encode_records
 from lora_tune.errors import LoraTuneError
 
 
-def read_splits(cfg: DataCfg, seed: int) -> tuple[list[Record], list[Record]]:
-    """Validated train and validation records; a `val_fraction` split is seeded and reproducible."""
-    read = dict(fmt=cfg.format, columns=cfg.columns or None, split=cfg.split)
+def read_splits(cfg: DataCfg, seed: int, preference: bool = False) -> tuple[list, list]:
+    """Validated train and validation records; a `val_fraction` split is seeded and reproducible.
+
+    `preference`: the records are preference pairs or KTO records (`data.pairs`), not SFT records.
+    """
+    parse = parse_pref_record if preference else parse_record
+    fmt = cfg.format if (cfg.format in PREF_FORMATS) == preference or cfg.format == "auto" else "invalid"
+    if fmt == "invalid":
+        kind = "a preference objective" if preference else "train.objective=sft"
+        raise LoraTuneError(f"data.format={cfg.format} does not fit {kind}; use data.format=auto")
+    read = dict(fmt=fmt, columns=cfg.columns or None, split=cfg.split, parse=parse)
     train = load_records(cfg.train_file, **read)
     if cfg.val_file:
         return train, load_records(cfg.val_file, **read)
@@ -39,8 +48,8 @@ def read_splits(cfg: DataCfg, seed: int) -> tuple[list[Record], list[Record]]:
 
 @dataclass
 class DataReport:
-    train: TokenizeStats = field(default_factory=TokenizeStats)
-    val: TokenizeStats | None = None
+    train: TokenizeStats | PairStats = field(default_factory=TokenizeStats)
+    val: TokenizeStats | PairStats | None = None
     dedup_train: DedupReport = field(default_factory=DedupReport)
     dedup_val: DedupReport = field(default_factory=DedupReport)
     leaked: list[str] = field(default_factory=list)  # where of leaked validation records
@@ -80,11 +89,8 @@ def tokenize_cached(
     return examples, stats, False
 
 
-def prepare(
-    cfg: DataCfg, tok, template: str | None, seed: int, train_records: list[Record], val_records: list[Record]
-) -> tuple[list[Example], list[Example], DataReport]:
-    """Clean and tokenize both splits; returns (train examples, validation examples, report)."""
-    report = DataReport()
+def _clean(cfg: DataCfg, report: DataReport, train_records: list, val_records: list) -> tuple[list, list]:
+    """Remove duplicates within each split and (with leakage: drop) validation records also in training."""
     train_records, report.dedup_train = deduplicate(train_records, cfg.dedup)
     val_records, report.dedup_val = deduplicate(val_records, cfg.dedup)
     bad = leaked(train_records, val_records)
@@ -93,6 +99,28 @@ def prepare(
         drop = set(bad)
         val_records = [r for i, r in enumerate(val_records) if i not in drop]
     report.val_records = val_records
+    return train_records, val_records
+
+
+def prepare_prefs(
+    cfg: DataCfg, tok, template: str | None, max_prompt_length: int, train_records: list, val_records: list
+) -> tuple[list[PrefExample], list[PrefExample], DataReport]:
+    """Clean and tokenize preference records of both splits (pairs keep their order: KTO's KL partners)."""
+    report = DataReport()
+    train_records, val_records = _clean(cfg, report, train_records, val_records)
+    train_ex, report.train = encode_prefs(tok, train_records, cfg.max_length, max_prompt_length, template)
+    val_ex: list[PrefExample] = []
+    if val_records:
+        val_ex, report.val = encode_prefs(tok, val_records, cfg.max_length, max_prompt_length, template)
+    return train_ex, val_ex, report
+
+
+def prepare(
+    cfg: DataCfg, tok, template: str | None, seed: int, train_records: list[Record], val_records: list[Record]
+) -> tuple[list[Example], list[Example], DataReport]:
+    """Clean and tokenize both splits; returns (train examples, validation examples, report)."""
+    report = DataReport()
+    train_records, val_records = _clean(cfg, report, train_records, val_records)
     labels = labels_of(train_records)
     if labels is not None:
         report.labels = Counter(labels)

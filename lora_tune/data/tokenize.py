@@ -28,6 +28,10 @@ class Example:
     labels: list[int]
 
     @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+    @property
     def n_supervised(self) -> int:
         # position 0 is never predicted (labels are shifted by one in the loss)
         return sum(1 for x in self.labels[1:] if x != IGNORE)

@@ -83,16 +83,25 @@ class Progress(Hook):
         info = f"loss {record['loss']:.4f}"
         if "token_accuracy" in record:
             info += f"  acc {record['token_accuracy']:.3f}"
+        if "rewards/margins" in record:
+            info += f"  margin {record['rewards/margins']:+.3f}"
+        if "rewards/accuracies" in record:
+            info += f"  reward acc {record['rewards/accuracies']:.2f}"
         rate = self.tokens / (time.perf_counter() - self.t0)
         info += f"  lr {record['lr']:.2e}  {rate:,.0f} tok/s  mem {record['memory_mb']:,.0f} MB"
         self.bar.update(record["step"], run.total_steps, info)
 
     def _val_line(self, run: Run, record: Record) -> str:
         more = f", {self.metric} {record[self.metric]:.4f}" if self.metric in record else ""
+        if "rewards/accuracies" in record:
+            more += f", reward accuracy {record['rewards/accuracies']:.3f}"
+        if "rewards/margins" in record:
+            more += f", margin {record['rewards/margins']:+.3f}"
+        ppl = f" (ppl {record['ppl']:.2f})" if "ppl" in record else ""
         if record["step"] == 0:
-            return f"validation loss before training: {record['loss']:.4f} (ppl {record['ppl']:.2f}){more}"
+            return f"validation loss before training: {record['loss']:.4f}{ppl}{more}"
         if record["step"] == run.total_steps:
-            return f"validation loss after training: {record['loss']:.4f} (ppl {record['ppl']:.2f}){more}"
+            return f"validation loss after training: {record['loss']:.4f}{ppl}{more}"
         return f"step {record['step']}: validation loss {record['loss']:.4f}{more}"
 
     def on_end(self, run: Run) -> None:
@@ -131,8 +140,11 @@ class Evaluation(Hook):
         if not len(self.stream):
             return
         loss, units, figures = objective_totals(run, self.stream)
-        record = {"split": "val", "step": run.state.step, "loss": loss, "ppl": math.exp(min(loss, 50))}
-        record |= {"tokens": units, **run.parts.objective.report(figures, units)}
+        objective = run.parts.objective
+        record = {"split": "val", "step": run.state.step, "loss": loss}
+        if objective.unit == "tokens":  # a perplexity only where the loss is a mean token cross-entropy
+            record["ppl"] = math.exp(min(loss, 50))
+        record |= {objective.unit: units, **objective.report(figures, units)}
         if self.task_metric is not None:
             record[self.metric] = self.task_metric(run.parts.model)
             run.parts.model.train()
@@ -155,6 +167,8 @@ def objective_totals(run: Run, batches) -> tuple[float, int, dict[str, float]]:
         for batch in batches:
 
             def losses(s: int, batch=batch) -> list:
+                with parts.precision.autocast():
+                    parts.objective.begin_step(parts.model, [batch])
                 return [_piece_loss(parts, piece) for piece in pieces(batch, s)]
 
             outs, split = in_pieces(losses, split, batch["input_ids"].shape[0], retrying)
@@ -235,7 +249,7 @@ def train_record(run: Run, out: StepOut, lr: float, seconds: float) -> Record:
         "loss": out.loss,
         **out.figures,
         "lr": lr,
-        "tokens": out.units,
+        run.parts.objective.unit: out.units,
         "real_tokens": out.real_tokens,
         "padded_tokens": out.padded_tokens,
         "grad_norm": out.grad_norm,

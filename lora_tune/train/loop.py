@@ -18,6 +18,7 @@ from rich.console import Console
 
 from lora_tune import config as C
 from lora_tune.data.batching import BatchStream
+from lora_tune.data.pairs import check_kind
 from lora_tune.data.splits import read_splits
 from lora_tune.errors import LoraTuneError
 from lora_tune.runtime import Precision, peak_memory_mb
@@ -102,7 +103,11 @@ def train(
         cfg = fit_memory(cfg, console)
     if cfg.eval.metric != "none" and task_metric is None:
         raise LoraTuneError(f"eval.metric={cfg.eval.metric} needs a task metric: call lora_tune.finetune.finetune")
-    records = read_splits(cfg.data, cfg.train.seed)  # bad data fails here, before any folder is touched
+    objective = cfg.train.objective
+    records = read_splits(cfg.data, cfg.train.seed, preference=objective != "sft")  # bad data fails here
+    if objective != "sft":
+        for split in records:
+            check_kind(split, paired=objective != "kto", objective=objective)
     with run_lock(Path(cfg.output_dir), console.print):
         run = setup_run(cfg, records, resume, overwrite, console)
         run.t_start = t_start
@@ -111,6 +116,7 @@ def train(
         if cfg.train.load_best_at_end:
             restore_best(run)
         meta = {"base_model": cfg.model.source, "quantization": cfg.model.quantization, "steps": run.state.step}
+        meta |= {"objective": objective, "started_from": cfg.model.adapter}
         meta["weights_of_step"] = run.state.best_step if cfg.train.load_best_at_end else run.state.step
         meta["config"] = C.to_dict(cfg)
         adapter_dir = save_adapter(run.parts.model, run.tok, run.run_dir / "adapter", meta)

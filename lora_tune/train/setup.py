@@ -20,17 +20,29 @@ from rich.console import Console
 from lora_tune import allocator
 from lora_tune import config as C
 from lora_tune.atomic import atomic_write_text, replace_dir
-from lora_tune.data.batching import BatchStream, choose_batching
+from lora_tune.data.batching import BatchStream, choose_batching, choose_pair_batching, collate
+from lora_tune.data.pairs import PairStats, collate_prefs
 from lora_tune.data.splits import prepare as prepare_data
+from lora_tune.data.splits import prepare_prefs
 from lora_tune.data.templates import resolve_chat_template
 from lora_tune.data.tokenize import TokenizeStats
 from lora_tune.errors import LoraTuneError
-from lora_tune.models import attach_lora, count_parameters, load_model, prepare_for_training, resolve_source
+from lora_tune.models import (
+    adapter_meta,
+    attach_lora,
+    count_parameters,
+    load_adapter,
+    load_model,
+    load_tokenizer,
+    prepare_for_training,
+    resolve_source,
+)
 from lora_tune.runtime import choose_device, choose_precision
+from lora_tune.train import reference
 from lora_tune.train.checkpoint import latest_checkpoint, latest_good_checkpoint, load_checkpoint, read_state
 from lora_tune.train.compile import choose_compile, compile_layers
 from lora_tune.train.metrics import MetricsLog
-from lora_tune.train.objectives import SFT
+from lora_tune.train.objectives import build_objective
 from lora_tune.train.optim import build_optimizer, build_scheduler
 from lora_tune.train.run import Run
 from lora_tune.train.rundir import check_fresh_dir, clear_run_dir
@@ -120,26 +132,42 @@ def setup_run(cfg: C.RunCfg, records: tuple[list, list], resume: bool, overwrite
         console.print(f"allocator: {allocator.describe()}", highlight=False)
 
     set_seed(tc.seed)
-    model, tok = load_model(cfg.model, precision, resolve_source(cfg.model.source, log=console.print))
+    source_path = resolve_source(cfg.model.source, log=console.print)
+    model, tok = load_model(cfg.model, precision, source_path)
+    if cfg.model.adapter and (Path(cfg.model.adapter) / "tokenizer_config.json").is_file():
+        tok = load_tokenizer(cfg.model.adapter, cfg.model)  # with the chat template the adapter was trained on
     template = resolve_chat_template(tok, cfg.data.chat_template)
     if template is not None:
         tok.chat_template = template  # saved with the adapter so generation uses the training template
-    train_ex, val_ex, report = prepare_data(cfg.data, tok, template, tc.seed, train_records, val_records)
-    describe_data(console, "train", report.train, train_ex)
+    objective = build_objective(cfg)
+    preference = objective.name != "sft"
+    if preference:
+        max_prompt = cfg.preference.max_prompt_length or cfg.data.max_length // 2
+        train_ex, val_ex, report = prepare_prefs(cfg.data, tok, template, max_prompt, train_records, val_records)
+    else:
+        train_ex, val_ex, report = prepare_data(cfg.data, tok, template, tc.seed, train_records, val_records)
+    describe = describe_pairs if preference else describe_data
+    describe(console, "train", report.train, train_ex)
     if not train_ex:
         raise LoraTuneError("no training sample has a supervised token left; raise data.max_length")
     if val_ex:
         val_ex = val_ex[: cfg.eval.max_samples] if cfg.eval.max_samples else val_ex
-        describe_data(console, "validation", report.val, val_ex)
+        describe(console, "validation", report.val, val_ex)
     for line in report.lines():
         console.print(line, highlight=False)
 
     model = _adapt(model, cfg, console)
+    if getattr(objective, "needs_reference", False):
+        _reference(cfg, model, tok, precision, source_path, train_ex, val_ex, ckpt is not None, console)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tc)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
-    parts = StepParts(model, SFT(chunked=tc.chunked_loss), optimizer, scaler, params, precision, tc.max_grad_norm)
-    batching = choose_batching(train_ex, tc.micro_batch_size, tc.seed, cfg.data.packing, cfg.data.group_by_length)
+    parts = StepParts(model, objective, optimizer, scaler, params, precision, tc.max_grad_norm)
+    collate_fn = collate_prefs if preference else collate
+    if preference:
+        batching = choose_pair_batching(train_ex, tc.micro_batch_size, tc.seed, cfg.data.group_by_length)
+    else:
+        batching = choose_batching(train_ex, tc.micro_batch_size, tc.seed, cfg.data.packing, cfg.data.group_by_length)
     console.print(f"batching: {batching.reason}", highlight=False)
     stream = BatchStream(
         train_ex,
@@ -148,11 +176,17 @@ def setup_run(cfg: C.RunCfg, records: tuple[list, list], resume: bool, overwrite
         tok.pad_token_id,
         strategy=batching.strategy,
         max_length=cfg.data.max_length,
+        collate_fn=collate_fn,
     )
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * len(stream) / tc.grad_accum))
     # evaluating in batches no larger than training's keeps evaluation within the memory training needs
     val_stream = BatchStream(
-        val_ex, cfg.eval.batch_size or tc.micro_batch_size, tc.seed, tok.pad_token_id, shuffle=False
+        val_ex,
+        cfg.eval.batch_size or tc.micro_batch_size,
+        tc.seed,
+        tok.pad_token_id,
+        shuffle=False,
+        collate_fn=collate_fn,
     )
     scheduler = build_scheduler(optimizer, tc, total_steps)
     compiling = choose_compile(tc.compile, device, total_steps)
@@ -165,15 +199,60 @@ def setup_run(cfg: C.RunCfg, records: tuple[list, list], resume: bool, overwrite
 
 
 def _adapt(model, cfg: C.RunCfg, console: Console):
-    """Freeze the base, attach LoRA, and say how many parameters train."""
+    """Freeze the base, attach LoRA (or the adapter training starts from), and say how many parameters train."""
     prepare_for_training(model, cfg.train.gradient_checkpointing)
-    model = attach_lora(model, cfg.lora)
+    if cfg.model.adapter:
+        meta = adapter_meta(cfg.model.adapter)
+        base = meta.get("base_model")
+        if base and base != cfg.model.source:
+            note = f"note: {cfg.model.adapter} was trained on {base}, this run loads {cfg.model.source}"
+            console.print(f"[yellow]{note}[/]")
+        model = load_adapter(model, cfg.model.adapter, trainable=True)
+        r = model.peft_config["default"].r
+        what = f"continuing the adapter {cfg.model.adapter} (LoRA r={r}; its own lora settings apply)"
+    else:
+        model = attach_lora(model, cfg.lora)
+        what = f"LoRA r={cfg.lora.r}"
     model.train()  # explicitly, before the first validation pass (see runtime.evaluating)
     trainable, total = count_parameters(model)
-    console.print(
-        f"LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
-    )
+    console.print(f"{what}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
     return model
+
+
+def describe_pairs(console: Console, name: str, stats: PairStats, examples) -> None:
+    kind = "pairs" if examples and examples[0].label is None else "examples"
+    extra = []
+    if stats.truncated_prompts or stats.truncated_answers:
+        extra.append(f"{stats.truncated_prompts} prompts and {stats.truncated_answers} answers truncated")
+    if stats.dropped_identical:
+        extra.append(f"{stats.dropped_identical} dropped as identical after truncation")
+    if stats.dropped_no_supervised:
+        extra.append(f"{stats.dropped_no_supervised} dropped with no answer token left")
+    more = f" ({', '.join(extra)})" if extra else ""
+    scored = sum(e.n_supervised for e in examples)
+    console.print(f"{name}: {stats.kept} {kind} from {stats.records} records, {scored} answer tokens scored{more}")
+    if stats.dropped_where:
+        more = " ..." if len(stats.dropped_where) > 5 else ""
+        console.print(f"  dropped: {', '.join(stats.dropped_where[:5])}{more}")
+
+
+def _reference(cfg: C.RunCfg, model, tok, precision, source_path, train_ex, val_ex, resuming: bool, console) -> None:
+    """Reference log-probs: precomputed when asked, and always when training starts from an adapter (the
+    reference is then that adapter's model, the model at step 0); otherwise each step computes them with
+    the adapter disabled."""
+    if not (cfg.preference.precompute_ref or cfg.model.adapter):
+        console.print("reference: the base model (adapter disabled), computed each step", highlight=False)
+        return
+    ident = reference.model_identity(source_path, cfg.model.quantization, precision, cfg.model.adapter)
+    splits = {"train": train_ex, "val": val_ex}
+    key = reference.fingerprint(splits, ident)
+    batch = cfg.eval.batch_size or cfg.train.micro_batch_size
+    base = not cfg.model.adapter
+
+    def compute(examples):
+        return reference.compute(model, examples, batch, tok.pad_token_id, precision, base=base)
+
+    reference.attach(splits, Path(cfg.output_dir), key, compute, cfg.data.cache, resuming, console.print)
 
 
 def _start_or_restore(run: Run, ckpt: Path | None) -> None:

@@ -57,6 +57,8 @@ def optimizer_step(parts: StepParts, micro: list[Batch], split: int = 1, log: Ca
     """
     units = sum(parts.objective.units(b) for b in micro)
     rows = micro[0]["input_ids"].shape[0]
+    with parts.precision.autocast():
+        parts.objective.begin_step(parts.model, micro)
 
     def retrying(new_split: int) -> None:
         parts.optimizer.zero_grad(set_to_none=True)  # the failed try's partial gradients
