@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from lora_tune.data.formats import PREF_FORMATS
 from lora_tune.errors import LoraTuneError
 
 
@@ -105,9 +106,24 @@ def data() -> None:
     "fmt",
     default="auto",
     show_default=True,
-    type=click.Choice(["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"]),
+    type=click.Choice(
+        [
+            "auto",
+            "text",
+            "prompt_completion",
+            "alpaca",
+            "sharegpt",
+            "messages",
+            "preference",
+            "openai_preference",
+            "kto",
+        ]
+    ),
 )
 @click.option("--max-length", default=1024, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--max-prompt-length", default=None, type=click.IntRange(min=1), help="preference data: prompt tokens kept"
+)
 @click.option(
     "--truncation", default="truncate", show_default=True, type=click.Choice(["truncate", "keep_end", "drop"])
 )
@@ -127,15 +143,18 @@ def data_inspect(
     chat_template: str | None,
     sample_index: int,
     batch_size: int,
+    max_prompt_length: int | None,
 ) -> None:
     """Validate every record of SOURCE (file, folder or hub id), print statistics and one rendered sample.
 
-    Exits 1 if any record is invalid.
+    Preference data (pairs or KTO records, detected from the first record) gets pair statistics and one
+    rendered pair. Exits 1 if any record is invalid.
     """
     from rich.console import Console
 
     from lora_tune.config import ModelCfg
     from lora_tune.data.doctor import inspect_data, print_report
+    from lora_tune.data.pair_doctor import inspect_pairs, looks_like_preferences, print_pair_report
     from lora_tune.data.templates import resolve_chat_template
     from lora_tune.models import load_tokenizer, resolve_source
 
@@ -143,6 +162,10 @@ def data_inspect(
     try:
         tok = load_tokenizer(resolve_source(model_source, log=console.print), ModelCfg(source=model_source))
         template = resolve_chat_template(tok, chat_template)
+        if fmt in PREF_FORMATS or (fmt == "auto" and looks_like_preferences(source)):
+            pairs = inspect_pairs(source, tok, max_length, max_prompt_length, template, sample_index)
+            print_pair_report(pairs, tok, console)
+            sys.exit(0 if pairs.ok else 1)
         rep = inspect_data(
             source,
             tok,
@@ -188,13 +211,13 @@ def _sampling_options(f):
 
 @main.command("eval")
 @_model_options
-@click.option("--data", default=None, help="chat / instruction / prompt-completion records to score")
+@click.option("--data", default=None, help="chat / instruction / prompt-completion records (or pairs) to score")
 @click.option("--text", default=None, help="raw text (file or folder) for strided perplexity")
 @click.option(
     "--metrics",
     default="perplexity",
     show_default=True,
-    help="comma list of: perplexity, f1, exact_match, rouge_l, accuracy, macro_f1",
+    help="comma list of: perplexity, f1, exact_match, rouge_l, accuracy, macro_f1; or preference_accuracy (pairs)",
 )
 @click.option("--labels", default=None, help="comma list of class labels (accuracy, macro_f1)")
 @click.option("--label-mode", default="likelihood", show_default=True, type=click.Choice(["likelihood", "generate"]))

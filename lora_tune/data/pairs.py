@@ -28,8 +28,6 @@ from lora_tune.data.tokenize import _with_eos, render_with_spans
 from lora_tune.errors import LoraTuneError
 from lora_tune.losses import IGNORE
 
-PREF_FORMATS = ("openai_preference", "preference", "kto")
-
 
 @dataclass
 class PrefRecord:

@@ -16,6 +16,7 @@ from lora_tune.atomic import atomic_write_text
 from lora_tune.config import ModelCfg
 from lora_tune.data.formats import Record
 from lora_tune.data.hygiene import labels_of
+from lora_tune.data.pairs import parse_pref_record
 from lora_tune.data.readers import load_records
 from lora_tune.data.tokenize import encode_records
 from lora_tune.errors import LoraTuneError
@@ -23,9 +24,10 @@ from lora_tune.evaluate.classify import predict_labels
 from lora_tune.evaluate.generate import Sampling, generate_texts, prompt_text
 from lora_tune.evaluate.metrics import classification_report, exact_match, parse_label, rouge_l, token_f1
 from lora_tune.evaluate.perplexity import strided_perplexity, supervised_perplexity
+from lora_tune.evaluate.preference import score_pairs
 from lora_tune.runtime import Precision, choose_device, choose_precision
 
-METRICS = ("perplexity", "f1", "exact_match", "rouge_l", "accuracy", "macro_f1")
+METRICS = ("perplexity", "f1", "exact_match", "rouge_l", "accuracy", "macro_f1", "preference_accuracy")
 GENERATIVE = {"f1": token_f1, "exact_match": exact_match, "rouge_l": rouge_l}
 
 
@@ -108,12 +110,27 @@ def prompt_ids(tok, rec: Record) -> list[int]:
 
 
 def evaluate_model(
-    model, tok, precision: Precision, s: EvalSettings, records: list[Record] | None, docs: list[list[int]] | None
+    model,
+    tok,
+    precision: Precision,
+    s: EvalSettings,
+    records: list | None,
+    docs: list[list[int]] | None,
+    reference: bool = False,
 ) -> dict[str, Any]:
-    """Every requested metric for one model; returns {"metrics": {...}, "details": {...}}."""
+    """Every requested metric for one model; returns {"metrics": {...}, "details": {...}}.
+
+    `records` are preference pairs for `preference_accuracy` (with `reference`, the model's adapter
+    disabled is the reference for the implicit-reward accuracy), SFT records otherwise.
+    """
     metrics: dict[str, float] = {}
     details: dict[str, Any] = {}
     t0 = time.perf_counter()
+    if "preference_accuracy" in s.metrics:
+        scores, dropped = score_pairs(model, tok, precision, records, s.max_length, s.batch_size, reference)
+        metrics |= scores.metrics()
+        details |= {"pairs": len(scores.policy), "pairs_dropped": dropped, "seconds": time.perf_counter() - t0}
+        return {"metrics": {k: metrics[k] for k in sorted(metrics)}, "details": details}
     if "perplexity" in s.metrics and records:
         examples, stats = encode_records(tok, records, s.max_length, loss_on="assistant")
         p = supervised_perplexity(model, examples, tok.pad_token_id, s.batch_size, precision.autocast)
@@ -164,6 +181,12 @@ def evaluate_model(
 
 def _read_inputs(tok, s: EvalSettings) -> tuple[list[Record] | None, list[list[int]] | None]:
     records = docs = None
+    if "preference_accuracy" in s.metrics:
+        if len(s.metrics) > 1 or s.text:
+            raise LoraTuneError("preference_accuracy reads preference pairs: evaluate other metrics in another run")
+        if not s.data:
+            raise LoraTuneError("preference_accuracy needs --data PAIRS.jsonl (prompt, chosen, rejected)")
+        return load_records(s.data, parse=parse_pref_record)[: s.max_samples], None
     if s.data:
         records = load_records(s.data)[: s.max_samples]
         needs_response = set(s.metrics) - {"perplexity"}
@@ -197,7 +220,7 @@ def run_eval(
         with model.disable_adapter():
             results["base"] = evaluate_model(model, tok, precision, s, records, docs)
     name = "tuned" if spec.adapter else "base"
-    results[name] = evaluate_model(model, tok, precision, s, records, docs)
+    results[name] = evaluate_model(model, tok, precision, s, records, docs, reference=bool(spec.adapter))
     report = {
         "model": asdict(spec),
         "settings": {**asdict(s), "records": len(records or []), "documents": len(docs or [])},
