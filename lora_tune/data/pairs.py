@@ -179,9 +179,13 @@ def _parse_kto(obj: dict, where: str) -> tuple[PrefRecord | None, list[str]]:
     prompt, completion = _maybe_json(obj.get("prompt")), _maybe_json(obj.get("completion"))
     if "prompt" not in obj:
         problems.append(f"{where}: missing `prompt`")
-    elif isinstance(prompt, list):
+    elif isinstance(prompt, list):  # a chat prompt; the completion as a message or its text
         problems += _check_prompt(prompt, where)
-        completion, errs = _answer_message(completion, where, "completion")
+        completion, errs = (
+            _text(obj, "completion", where)
+            if isinstance(completion, str)
+            else _answer_message(completion, where, "completion")
+        )
         problems += errs
     else:
         if not isinstance(prompt, str):

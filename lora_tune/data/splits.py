@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 from lora_tune.config import DataCfg
 from lora_tune.data import cache
-from lora_tune.data.formats import Record, parse_record
+from lora_tune.data.formats import PREF_FORMATS, Record, parse_record
 from lora_tune.data.hygiene import DedupReport, deduplicate, labels_of, leaked, oversample
-from lora_tune.data.pairs import PREF_FORMATS, PairStats, PrefExample, encode_prefs, parse_pref_record
+from lora_tune.data.pairs import PairStats, PrefExample, encode_prefs, parse_pref_record
 from lora_tune.data.readers import load_records
 from lora_tune.data.tokenize import Example, TokenizeStats, encode_records
 from lora_tune.errors import LoraTuneError

@@ -338,6 +338,81 @@ def build_docs_qa(out: Path, params: dict, log=print) -> Built:
     return _finish(out, parts, [_source_line("networkx") + " (Parameters and Returns sections)"])
 
 
+PREFERENCE_SYSTEM = "You are an expert on the NetworkX Python library. Answer questions about its API briefly."
+
+
+def build_preference_docs(out: Path, params: dict, log=print) -> Built:
+    """Preference pairs over API documentation, in TRL's conversational format (`prompt`, `chosen`,
+    `rejected` message lists): the user asks what one parameter of a NetworkX function means; CHOSEN is
+    that parameter's description from the docstring; REJECTED is a real but wrong answer, the description
+    of another parameter of the same function, or (for a function with one documented parameter besides
+    `G`) another function's description of a parameter with a different name, from the same module when
+    there is one and always from the same split."""
+    whl = fetch("networkx", log=log)
+    lo, hi = params.get("min_answer_words", 2), params.get("max_answer_words", 60)
+    per_function, context = params.get("pairs_per_function", 3), params.get("context", "summary")
+    seed = params.get("seed", 0)
+    sizes = {
+        "train": params.get("max_train", 400),
+        "val": params.get("max_val", 50),
+        "test": params.get("max_test", 100),
+    }
+
+    def fits(desc: str) -> bool:
+        return lo <= len(desc.split()) <= hi
+
+    functions = []  # (qualified name, module, function, summary line, [(parameter, description)]), in order
+    names: dict[str, int] = {}
+    for module, func, doc in _docstrings(whl):
+        sections = numpydoc_sections(doc)
+        if "Parameters" not in sections or func.startswith("_"):
+            continue
+        entries: dict[str, str] = {}
+        for name, desc in numpydoc_entries(sections["Parameters"]):
+            if name != "G" and name not in entries:  # `G` is "a NetworkX graph" everywhere
+                entries[name] = " ".join(desc.split())
+        if entries:
+            qualified = module.removesuffix(".py").replace("/", ".") + "." + func
+            names[qualified] = names.get(qualified, 0) + 1  # methods of two classes in one module share it
+            qualified += f"~{names[qualified]}" if names[qualified] > 1 else ""
+            summary = " ".join(re.split(r"\n\s*\n", doc)[0].split())
+            functions.append((qualified, module, func, summary, list(entries.items())))
+    # split by bare function name: same-named functions (Graph.add_edge / DiGraph.add_edge, bipartite and
+    # general closeness_centrality) share text and give the same question, so they must stay together
+    parts = split_by_key(functions, lambda f: f[2], params.get("val", 0.08), params.get("test", 0.15))
+    out_parts: dict[str, list] = {}
+    for part, funcs in parts.items():
+        rows, seen = [], set()
+        for qualified, module, func, summary, entries in funcs:
+            candidates = [(n, d) for n, d in entries if fits(d)]
+            random.Random(f"{seed}:{qualified}").shuffle(candidates)
+            for name, chosen in candidates[:per_function]:
+                wrong = [d for n, d in entries if n != name and fits(d) and _norm(d) != _norm(chosen)]
+                if not wrong:  # another function's parameter of another name: same module first, same split
+                    pool = [(m, d) for _, m, f, _, es in funcs if f != func for n, d in es if n != name and fits(d)]
+                    pool = [(m, d) for m, d in pool if _norm(d) != _norm(chosen)]
+                    wrong = [d for m, d in pool if m == module] or [d for _, d in pool]
+                if not wrong:
+                    continue
+                rejected = random.Random(f"{seed}:{qualified}:{name}").choice(wrong)
+                question = f"In networkx, what does the `{name}` parameter of `{func}` mean?"
+                user = f"`{func}`: {summary}\n\n{question}" if context == "summary" and summary else question
+                if user in seen:  # a same-named function elsewhere already asked it
+                    continue
+                seen.add(user)
+                prompt = [{"role": "system", "content": PREFERENCE_SYSTEM}, {"role": "user", "content": user}]
+                rows.append(
+                    {
+                        "id": f"{qualified}:{name}",
+                        "prompt": prompt,
+                        "chosen": [{"role": "assistant", "content": chosen}],
+                        "rejected": [{"role": "assistant", "content": rejected}],
+                    }
+                )
+        out_parts[part] = _cap(rows, sizes[part], f"{part}:{seed}")
+    return _finish(out, out_parts, [_source_line("networkx") + " (Parameters sections: real and wrong descriptions)"])
+
+
 BUILDERS: dict[str, Callable[..., Built]] = {
     "support_chat": build_support_chat,
     "chatterbot_qa": build_chatterbot_qa,
@@ -345,4 +420,5 @@ BUILDERS: dict[str, Callable[..., Built]] = {
     "vader_sentiment": build_vader_sentiment,
     "docs_summaries": build_docs_summaries,
     "docs_corpus": build_docs_corpus,
+    "preference_docs": build_preference_docs,
 }
