@@ -202,3 +202,16 @@ def test_a_failed_run_closes_its_trackers_and_resumes_them(tiny_model_dir, chat_
     assert client.get_run(ml["run_id"]).info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(ml["run_id"], "train_loss")]
     assert sorted(steps) == list(range(1, 7))  # step 3 was logged before the failure and is not sent twice
+
+
+def test_preference_figures_reach_trackers_under_trls_names():
+    train = {"step": 2, "loss": 0.6, "rewards/margins": 0.2, "rewards/accuracies": 0.75, "pairs": 8}
+    assert tracker_metrics(train, full_validation=True) == {
+        "train/loss": 0.6,
+        "train_loss": 0.6,
+        "train/rewards/margins": 0.2,
+        "train/rewards/accuracies": 0.75,
+    }
+    val = {"split": "val", "step": 2, "loss": 0.5, "rewards/chosen": -0.1, "logps/rejected": -40.0}
+    got = tracker_metrics(val, full_validation=True)
+    assert got["eval/rewards/chosen"] == got["val/rewards/chosen"] == -0.1 and got["eval/logps/rejected"] == -40.0

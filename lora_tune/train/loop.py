@@ -159,7 +159,8 @@ def summarise(run: Run, adapter_dir: Path) -> TrainResult:
     """The run's TrainResult (from metrics.jsonl, so evaluations from before a resume count too), and the plot."""
     records = MetricsLog(run.metrics_path).read()
     train_losses = [r["loss"] for r in records if r.get("split", "train") == "train"]
-    plot = plot_losses(records, run.run_dir / "loss.png", title=f"{run.cfg.model.source} - {run.run_dir.name}")
+    title = f"{run.cfg.model.source} - {run.run_dir.name}"
+    plot = plot_losses(records, run.run_dir / "loss.png", title=title, unit=run.parts.objective.unit)
     run.note(f"adapter saved to {adapter_dir}; metrics in {run.metrics_path}; plot in {plot}")
     return TrainResult(
         run_dir=run.run_dir,

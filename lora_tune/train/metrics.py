@@ -41,8 +41,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def plot_losses(metrics: list[dict[str, Any]], out: Path, title: str = "") -> Path | None:
-    """Train loss per step (and validation loss when logged) as a PNG."""
+def plot_losses(metrics: list[dict[str, Any]], out: Path, title: str = "", unit: str = "tokens") -> Path | None:
+    """Train loss per step (and validation loss when logged) as a PNG; for preference objectives a second
+    panel shows the reward accuracy and margin of training steps and evaluations."""
     train = [(r["step"], r["loss"]) for r in metrics if r.get("split", "train") == "train"]
     val = [(r["step"], r["loss"]) for r in metrics if r.get("split") == "val"]
     if not train and not val:
@@ -52,17 +53,36 @@ def plot_losses(metrics: list[dict[str, Any]], out: Path, title: str = "") -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    rewards = any("rewards/margins" in r for r in metrics)
+    fig, axes = plt.subplots(1, 2 if rewards else 1, figsize=(12 if rewards else 7, 4), dpi=120, squeeze=False)
+    ax = axes[0, 0]
     if train:
         ax.plot(*zip(*train, strict=True), label="train", lw=1.2)
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="validation", lw=1.5)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats / supervised token)")
+    ax.set_ylabel("loss (nats / supervised token)" if unit == "tokens" else f"loss (mean per {unit[:-1]})")
     ax.set_title(title or "loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if rewards:
+        _plot_rewards(axes[0, 1], metrics)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def _plot_rewards(ax, metrics: list[dict[str, Any]]) -> None:
+    for split, style in (("train", "-"), ("val", "o-")):
+        rows = [r for r in metrics if r.get("split", "train") == split and "rewards/margins" in r]
+        if not rows:
+            continue
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, [r["rewards/margins"] for r in rows], style, lw=1.2, label=f"{split} reward margin")
+        if "rewards/accuracies" in rows[0]:
+            ax.plot(steps, [r["rewards/accuracies"] for r in rows], style, lw=1.2, label=f"{split} reward accuracy")
+    ax.set_xlabel("optimizer step")
+    ax.set_title("rewards (beta x log policy/reference)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)

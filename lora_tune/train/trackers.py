@@ -45,6 +45,20 @@ VAL_NAMES = {
     "ppl": ("val/ppl",),
 }
 FULL_VAL_NAMES = {"loss": "full_valid_loss", "token_accuracy": "full_valid_mean_token_accuracy"}
+# the preference objectives' figures, under TRL's names as its trackers show them (train/..., eval/...)
+PREFERENCE_FIGURES = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "kl",
+    "nll_loss",
+    "log_odds_ratio",
+)
+TRAIN_NAMES |= {k: (f"train/{k}",) for k in PREFERENCE_FIGURES}
+VAL_NAMES |= {k: (f"val/{k}", f"eval/{k}") for k in PREFERENCE_FIGURES}
 # the metric whose last step says how far a tracker's store goes, per split
 MARKERS = {"train": "train/loss", "val": "val/loss"}
 
