@@ -224,6 +224,9 @@ def _sampling_options(f):
 @click.option("--compare", is_flag=True, help="also evaluate the base model alone and report deltas")
 @click.option("--max-samples", default=None, type=click.IntRange(min=1))
 @click.option("--max-length", default=2048, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--max-prompt-length", default=None, type=click.IntRange(min=1), help="pairs: prompt tokens kept (its end)"
+)
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--window", default=None, type=click.IntRange(min=2), help="strided perplexity window (default: context)")
 @click.option(
@@ -245,6 +248,7 @@ def eval_cmd(
     compare,
     max_samples,
     max_length,
+    max_prompt_length,
     batch_size,
     window,
     stride,
@@ -271,6 +275,7 @@ def eval_cmd(
             label_mode=label_mode,
             max_samples=max_samples,
             max_length=max_length,
+            max_prompt_length=max_prompt_length,
             batch_size=batch_size,
             window=window,
             stride=stride,

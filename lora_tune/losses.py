@@ -12,6 +12,7 @@ Training (`train/`) and evaluation (`evaluate/`) both import this module, and it
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -145,3 +146,24 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], chunked: bool = True) 
     logps = torch.zeros(out.keep.shape[0], device=out.losses.device, dtype=torch.float32)
     logps = logps.index_add(0, row, -out.losses.float())
     return logps, out.keep.sum(dim=1)
+
+
+def pair_rows(batch: dict[str, torch.Tensor], slots: slice = slice(None)) -> dict[str, torch.Tensor]:
+    """A pair batch's `[B, A, W]` tensors (`data.pairs.collate_prefs`) as `[B*A', W]` rows of answer slots
+    `slots`, for one forward."""
+    keys = ("input_ids", "attention_mask", "labels")
+    return {k: batch[k][:, slots].reshape(-1, batch[k].shape[-1]) for k in keys}
+
+
+def answer_logps(model, batch: dict[str, torch.Tensor], slots: slice = slice(None), chunked: bool = True):
+    """(summed log-probs, token counts) of a pair batch's answers, each `[B, A]`, in one forward."""
+    logps, counts = sequence_logps(model, pair_rows(batch, slots), chunked)
+    b = batch["input_ids"].shape[0]
+    return logps.view(b, -1), counts.view(b, -1).to(logps.dtype)
+
+
+@contextmanager
+def adapter_disabled(model):
+    """The reference model: the policy with its LoRA adapter switched off (no second copy in memory)."""
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
+        yield

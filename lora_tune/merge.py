@@ -238,16 +238,18 @@ BUILTIN_SAMPLES = [
 def fidelity_examples(tok, meta: dict[str, Any], n: int = 8, max_length: int = 256):
     """Held-out samples: the run's validation data when known, else a few built-in conversations."""
     from lora_tune.data.formats import Record
+    from lora_tune.data.pairs import parse_pref_record
     from lora_tune.data.readers import load_records
     from lora_tune.data.tokenize import encode_records
 
     data = (meta.get("config") or {}).get("data") or {}
     source = next((p for p in (data.get("val_file"), data.get("train_file")) if p and Path(p).exists()), None)
-    records = (
-        load_records(source)[:n]
-        if source
-        else [Record(f"builtin:{i}", messages=m) for i, m in enumerate(BUILTIN_SAMPLES)]
-    )
+    if source and meta.get("objective", "sft") != "sft":  # preference data: the prompts with their first answer
+        records = [r.as_sft() for r in load_records(source, parse=parse_pref_record)[:n]]
+    elif source:
+        records = load_records(source)[:n]
+    else:
+        records = [Record(f"builtin:{i}", messages=m) for i, m in enumerate(BUILTIN_SAMPLES)]
     examples, _ = encode_records(tok, records, max_length=max_length)
     return examples, source or "built-in prompts"
 

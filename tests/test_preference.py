@@ -16,7 +16,7 @@ from lora_tune.data.batching import BatchStream
 from lora_tune.data.pairs import collate_prefs, encode_prefs, fit_pair, parse_pref_record
 from lora_tune.data.readers import load_records, read_records
 from lora_tune.errors import ConfigError, DataError, LoraTuneError
-from lora_tune.losses import IGNORE
+from lora_tune.losses import IGNORE, answer_logps
 from lora_tune.models import load_model
 from lora_tune.train import reference
 from lora_tune.train.loop import train
@@ -26,7 +26,6 @@ from lora_tune.train.objectives import (
     KTO,
     ORPO,
     SimPO,
-    answer_logps,
     dpo_losses,
     kto_losses,
     orpo_losses,
@@ -281,6 +280,11 @@ def test_sft_then_dpo_starts_from_the_adapter_and_its_reference_is_the_sft_model
     rep = run_eval(spec, EvalSettings(data=str(pair_files[1]), metrics=["preference_accuracy"]), compare=True)
     assert set(rep["results"]["tuned"]["metrics"]) >= {"preference_accuracy", "reward_accuracy"}
     assert rep["results"]["base"]["details"]["pairs"] == 4
+    # a preference-tuned adapter merges like any other; the fidelity check reads the run's pairs
+    from lora_tune.merge import merge_adapter
+
+    merged = merge_adapter(result.adapter_dir, tmp_path / "merged", dtype="fp16", log=lambda *_: None)
+    assert merged.fidelity[0].mean_kl < 2e-3 and merged.fidelity[0].tokens > 0
 
 
 @pytest.mark.slow

@@ -46,7 +46,7 @@ def built(tmp_path_factory) -> Path:
 def test_recipe_files_name_the_builder_metric_and_data():
     assert BUILDERS[SPEC["builder"]] is build_preference_docs
     assert SPEC["builder"] == "preference_docs" and SPEC["metric"] == "preference_accuracy"
-    assert SPEC["eval"] == {"data": "test.jsonl", "metrics": ["preference_accuracy"]}
+    assert SPEC["eval"]["data"] == "test.jsonl" and SPEC["eval"]["metrics"] == ["preference_accuracy"]
     assert "## Results here" in (RECIPE / "README.md").read_text(encoding="utf-8")
 
 

@@ -105,11 +105,18 @@ def _plan_stats(examples: list[Example], batch_size: int, seed: int, strategy: s
 
 
 def choose_batching(
-    examples: list[Example], batch_size: int, seed: int, packing: bool, group_by_length: bool | str
+    examples: list[Example],
+    batch_size: int,
+    seed: int,
+    packing: bool,
+    group_by_length: bool | str,
+    weighs_tokens: bool = True,
 ) -> Batching:
     """`pack`, `group_by_length` or `pad`. With group_by_length "auto", group only where it pays and is
-    harmless: it must save at least 5 points of padding, and must not make the number of supervised
-    tokens per batch vary much more than random batches do.
+    harmless: it must save at least 5 points of padding, and (when the loss is a mean over tokens,
+    `weighs_tokens`) must not make the number of supervised tokens per batch vary much more than random
+    batches do. Preference objectives weigh each pair the same whatever its length: for them grouping
+    only changes padding.
 
     Measured in benchmarks/RESULTS.md (quality at equal steps, 3 seeds): on word analogies, whose
     samples are all 49-58 tokens (grouping saves under 1 point of padding), grouped batches scored 0.28
@@ -137,6 +144,12 @@ def choose_batching(
             f"random batches: samples are of similar length, so length grouping would save little ({saving}); "
             "data.group_by_length: true forces it",
         )
+    if not weighs_tokens:
+        return Batching(
+            "group_by_length",
+            f"length-grouped batches ({saving}; each pair weighs the same whatever its length); "
+            "data.group_by_length: false turns it off",
+        )
     if grouped_cv > 1.5 * pad_cv + 0.05:
         return Batching(
             "pad",
@@ -148,27 +161,6 @@ def choose_batching(
         "group_by_length",
         f"length-grouped batches ({saving}; supervised tokens per batch vary {grouped_cv:.2f}, "
         f"random {pad_cv:.2f}); data.group_by_length: false turns it off",
-    )
-
-
-def choose_pair_batching(examples: list, batch_size: int, seed: int, group_by_length: bool | str) -> Batching:
-    """Preference data: length grouping only changes padding (each pair weighs the same, whatever its
-    length), so `auto` groups whenever that saves at least 5 points of padding."""
-    if group_by_length is False:
-        return Batching("pad", "random batches (data.group_by_length: false)")
-    if group_by_length is True:
-        return Batching("group_by_length", "length-grouped batches (data.group_by_length: true)")
-    if len(examples) < 2 * batch_size:
-        return Batching("pad", "random batches (too few pairs for length grouping to matter)")
-    pad_share, _ = _plan_stats(examples, batch_size, seed, "pad")
-    grouped_share, _ = _plan_stats(examples, batch_size, seed, "group_by_length")
-    saving = f"padding {pad_share:.0%} -> {grouped_share:.0%}"
-    if pad_share - grouped_share < 0.05:
-        return Batching("pad", f"random batches: length grouping would save little ({saving})")
-    return Batching(
-        "group_by_length",
-        f"length-grouped batches ({saving}; each pair weighs the same whatever its length); "
-        "data.group_by_length: false turns it off",
     )
 
 

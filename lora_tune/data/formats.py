@@ -15,7 +15,7 @@ from typing import Any
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = {"role", "content", "weight", "name"}
 FORMATS = ("text", "prompt_completion", "alpaca", "sharegpt", "messages")
-PREF_FORMATS = ("openai_preference", "preference", "kto")  # read by data.pairs
+PREF_FORMATS = ("openai_preference", "preference", "kto")  # preference data, read by data.pairs
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lora_tune.data.formats import _check_messages, _maybe_json
+from lora_tune.data.formats import Record, _check_messages, _maybe_json
 from lora_tune.data.tokenize import _with_eos, render_with_spans
 from lora_tune.errors import LoraTuneError
 from lora_tune.losses import IGNORE
@@ -54,6 +54,12 @@ class PrefRecord:
     def prompt_text(self) -> str:
         """The prompt as plain text (for leakage checks)."""
         return "\n".join(m["content"] for m in self.prompt) if self.chat else self.prompt
+
+    def as_sft(self) -> Record:
+        """The prompt with its first answer (the chosen one) as an SFT record, e.g. for a merge's fidelity check."""
+        if self.chat:
+            return Record(self.where, messages=[*self.prompt, {"role": "assistant", "content": self.answers[0]}])
+        return Record(self.where, prompt=self.prompt, completion=self.answers[0])
 
 
 def detect_pref_format(obj: dict[str, Any]) -> str | None:
@@ -362,11 +368,6 @@ def collate_prefs(examples: list[PrefExample], pad_id: int) -> dict[str, torch.T
     if examples[0].label is not None:
         batch["desirable"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
     return batch
-
-
-def rows(batch: dict[str, torch.Tensor], answers: slice = slice(None)) -> dict[str, torch.Tensor]:
-    """A pair batch's `[B, A, W]` tensors as `[B*A', W]` rows (answer slots `answers`), for one forward."""
-    return {k: batch[k][:, answers].reshape(-1, batch[k].shape[-1]) for k in ("input_ids", "attention_mask", "labels")}
 
 
 def render_pair(tok, ex: PrefExample) -> dict[str, str]:

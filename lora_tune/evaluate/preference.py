@@ -11,9 +11,9 @@ import torch
 from lora_tune.data.batching import BatchStream
 from lora_tune.data.pairs import PrefRecord, collate_prefs, encode_prefs
 from lora_tune.errors import LoraTuneError
+from lora_tune.losses import adapter_disabled, answer_logps
 from lora_tune.progress import item_progress
 from lora_tune.runtime import Precision, evaluating
-from lora_tune.train.objectives import adapter_disabled, answer_logps
 
 
 @dataclass
@@ -49,14 +49,21 @@ def pair_logps(model, batches, autocast, total: int, what: str = "preference pai
 
 
 def score_pairs(
-    model, tok, precision: Precision, records: list[PrefRecord], max_length: int, batch_size: int, reference: bool
+    model,
+    tok,
+    precision: Precision,
+    records: list[PrefRecord],
+    max_length: int,
+    max_prompt_length: int,
+    batch_size: int,
+    reference: bool,
 ) -> tuple[PairScores, int]:
-    """(scores of every pair that fits, pairs dropped by truncation); the reference is the model with its
-    adapter disabled, scored only when `reference`."""
+    """(scores of every pair that fits, pairs dropped by truncation), truncated as training truncates; the
+    reference is the model with its adapter disabled, scored only when `reference`."""
     paired = [r for r in records if r.paired]
     if len(paired) != len(records):
         raise LoraTuneError(f"{records[0].where}: preference_accuracy needs pairs (prompt, chosen, rejected), not KTO")
-    examples, stats = encode_prefs(tok, paired, max_length, max_length // 2)
+    examples, stats = encode_prefs(tok, paired, max_length, max_prompt_length)
     if not examples:
         raise LoraTuneError(f"no pair fits within --max-length {max_length}; raise it")
     stream = BatchStream(examples, batch_size, 0, tok.pad_token_id, shuffle=False, collate_fn=collate_prefs)

@@ -40,6 +40,7 @@ class EvalSettings:
     label_mode: str = "likelihood"  # or "generate"
     max_samples: int | None = None
     max_length: int = 2048
+    max_prompt_length: int | None = None  # preference pairs: prompt tokens kept; default half of max_length
     batch_size: int = 8
     window: int | None = None  # default: the model's context
     stride: int | None = None  # default: half the window
@@ -127,7 +128,8 @@ def evaluate_model(
     details: dict[str, Any] = {}
     t0 = time.perf_counter()
     if "preference_accuracy" in s.metrics:
-        scores, dropped = score_pairs(model, tok, precision, records, s.max_length, s.batch_size, reference)
+        max_prompt = s.max_prompt_length or s.max_length // 2
+        scores, dropped = score_pairs(model, tok, precision, records, s.max_length, max_prompt, s.batch_size, reference)
         metrics |= scores.metrics()
         details |= {"pairs": len(scores.policy), "pairs_dropped": dropped, "seconds": time.perf_counter() - t0}
         return {"metrics": {k: metrics[k] for k in sorted(metrics)}, "details": details}

@@ -18,15 +18,13 @@ TRL's names: `rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/a
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from lora_tune.data.pairs import rows
-from lora_tune.losses import IGNORE, sequence_logps, token_losses_and_accuracy
+from lora_tune.losses import IGNORE, adapter_disabled, answer_logps, token_losses_and_accuracy
 
 Batch = dict[str, torch.Tensor]
 
@@ -81,21 +79,6 @@ class SFT:
 
 # ----------------------------------------------------------------------------------------------------
 # Preference objectives
-
-
-@contextmanager
-def adapter_disabled(model):
-    """The reference model: the policy with its LoRA adapter switched off (no second copy in memory)."""
-    with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
-        yield
-
-
-def answer_logps(model, batch: Batch, slots: slice = slice(None), chunked: bool = True):
-    """(summed log-probs, token counts) of a pair batch's answers, each `[B, A]`, in one forward."""
-    flat = rows(batch, slots)
-    logps, counts = sequence_logps(model, flat, chunked)
-    b = batch["input_ids"].shape[0]
-    return logps.view(b, -1), counts.view(b, -1).to(logps.dtype)
 
 
 def reference_logps(model, batch: Batch, slots: slice = slice(None), chunked: bool = True) -> torch.Tensor:

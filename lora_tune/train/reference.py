@@ -23,8 +23,8 @@ from lora_tune.atomic import sha256_of
 from lora_tune.data.batching import BatchStream
 from lora_tune.data.pairs import PrefExample, collate_prefs, dump_pairs
 from lora_tune.errors import LoraTuneError
+from lora_tune.losses import adapter_disabled, answer_logps
 from lora_tune.runtime import Precision, cache_dir, evaluating
-from lora_tune.train.objectives import adapter_disabled, answer_logps
 
 FILE = "reference_logps.safetensors"
 

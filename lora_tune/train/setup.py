@@ -20,7 +20,7 @@ from rich.console import Console
 from lora_tune import allocator
 from lora_tune import config as C
 from lora_tune.atomic import atomic_write_text, replace_dir
-from lora_tune.data.batching import BatchStream, choose_batching, choose_pair_batching, collate
+from lora_tune.data.batching import BatchStream, choose_batching, collate
 from lora_tune.data.pairs import PairStats, collate_prefs
 from lora_tune.data.splits import prepare as prepare_data
 from lora_tune.data.splits import prepare_prefs
@@ -109,10 +109,12 @@ def describe_data(console: Console, name: str, stats: TokenizeStats, examples) -
         extra.append(f"{stats.dropped_no_supervised} dropped with no supervised token left")
     more = f" ({', '.join(extra)})" if extra else ""
     console.print(f"{name}: {stats.kept} samples from {stats.records} records, {tokens} tokens, {sup} supervised{more}")
-    if stats.dropped_where:
-        console.print(
-            f"  dropped: {', '.join(stats.dropped_where[:5])}{' ...' if len(stats.dropped_where) > 5 else ''}"
-        )
+    _print_dropped(console, stats.dropped_where)
+
+
+def _print_dropped(console: Console, where: list[str]) -> None:
+    if where:
+        console.print(f"  dropped: {', '.join(where[:5])}{' ...' if len(where) > 5 else ''}")
 
 
 def setup_run(cfg: C.RunCfg, records: tuple[list, list], resume: bool, overwrite: bool, console: Console) -> Run:
@@ -164,10 +166,9 @@ def setup_run(cfg: C.RunCfg, records: tuple[list, list], resume: bool, overwrite
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
     parts = StepParts(model, objective, optimizer, scaler, params, precision, tc.max_grad_norm)
     collate_fn = collate_prefs if preference else collate
-    if preference:
-        batching = choose_pair_batching(train_ex, tc.micro_batch_size, tc.seed, cfg.data.group_by_length)
-    else:
-        batching = choose_batching(train_ex, tc.micro_batch_size, tc.seed, cfg.data.packing, cfg.data.group_by_length)
+    batching = choose_batching(
+        train_ex, tc.micro_batch_size, tc.seed, cfg.data.packing, cfg.data.group_by_length, not preference
+    )
     console.print(f"batching: {batching.reason}", highlight=False)
     stream = BatchStream(
         train_ex,
@@ -231,9 +232,7 @@ def describe_pairs(console: Console, name: str, stats: PairStats, examples) -> N
     more = f" ({', '.join(extra)})" if extra else ""
     scored = sum(e.n_supervised for e in examples)
     console.print(f"{name}: {stats.kept} {kind} from {stats.records} records, {scored} answer tokens scored{more}")
-    if stats.dropped_where:
-        more = " ..." if len(stats.dropped_where) > 5 else ""
-        console.print(f"  dropped: {', '.join(stats.dropped_where[:5])}{more}")
+    _print_dropped(console, stats.dropped_where)
 
 
 def _reference(cfg: C.RunCfg, model, tok, precision, source_path, train_ex, val_ex, resuming: bool, console) -> None:
