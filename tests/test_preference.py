@@ -445,3 +445,31 @@ def test_preference_settings_that_do_not_apply_are_errors():
     cfg = C.from_dict({**base, "train": {"objective": "kto"}, "preference": {"desirable_weight": 1.3}})
     assert cfg.preference.desirable_weight == 1.3
     assert C.from_dict(C.to_dict(cfg)) == cfg  # a saved run config reads back (its defaults are not "set")
+
+
+def test_data_inspect_shows_pair_statistics_and_names_bad_pairs(tiny_model_dir, pair_files, tmp_path):
+    from click.testing import CliRunner
+
+    from lora_tune.cli import main
+
+    def inspect(path, *more):
+        result = CliRunner().invoke(main, ["data", "inspect", str(path), "--model", str(tiny_model_dir), *more])
+        return result.exit_code, result.output
+
+    code, out = inspect(pair_files[0], "--max-length", "24", "--max-prompt-length", "12")
+    assert code == 0, out
+    assert "16 pairs" in out and "chosen tokens" in out and "rejected tokens" in out
+    assert "16 prompts cut to their end" in out and "chosen:" in out and "⟦" in out
+    bad = write_jsonl(tmp_path / "bad.jsonl", [pair(1), {"prompt": "q", "chosen": "a", "rejected": "a"}])
+    code, out = inspect(bad)
+    assert code == 1 and f"{bad}:2: chosen and rejected answers are identical" in out
+
+
+def test_continued_sft_starts_from_the_adapters_weights(tiny_model_dir, chat_files, tmp_path):
+    first = train(tiny_config(tiny_model_dir, *chat_files, tmp_path / "a", **{"train.max_steps": 4}))
+    again = tiny_config(tiny_model_dir, *chat_files, tmp_path / "b", **{"train.max_steps": 2})
+    again.model.adapter = str(first.adapter_dir)
+    train(again)
+    before, after = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert after[0]["split"] == "val" and after[0]["loss"] == pytest.approx(before[-1]["loss"], rel=1e-5)
+    assert after[0]["loss"] < before[0]["loss"]  # not the untrained model's loss
