@@ -185,7 +185,8 @@ def test_kto_loss_and_kl_on_a_tiny_model(tiny_model_dir):
 
 def test_reference_through_the_disabled_adapter_equals_a_separately_loaded_base(tiny_model_dir):
     pm, tok = _lora_model(tiny_model_dir)
-    batch, examples = _batch(tok, [pair(i) for i in range(4)])
+    batch, examples = _batch(tok, [pair(i) for i in (12, 1, 100005, 3)])  # of unsorted lengths
+    assert sorted(e.length for e in examples) != [e.length for e in examples]
     base, _ = load_model(C.ModelCfg(source=str(tiny_model_dir), quantization="fp32"), CPU32)
     base.eval()
     with torch.no_grad():

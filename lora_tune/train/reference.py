@@ -34,15 +34,23 @@ def compute(
     model, examples: list[PrefExample], batch_size: int, pad_id: int, precision: Precision, base: bool = True
 ) -> torch.Tensor:
     """`[N, A]` summed log-probs of every example's answers under the reference: the model with its adapter
-    disabled (`base`), or the model as it is (training starts from an adapter)."""
+    disabled (`base`), or the model as it is (training starts from an adapter).
+
+    Examples go through sorted by length, so batches hold little padding; rows come back in input order.
+    """
+    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
+    ordered = [examples[i] for i in order]
     out = []
-    stream = BatchStream(examples, batch_size, 0, pad_id, shuffle=False, collate_fn=collate_prefs)
+    stream = BatchStream(ordered, batch_size, 0, pad_id, shuffle=False, collate_fn=collate_prefs)
     with evaluating(model), adapter_disabled(model) if base else nullcontext():
         for batch in stream:
             batch.pop("ref_logps", None)
             with precision.autocast():
                 out.append(answer_logps(model, batch)[0].float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 2)
+    if not out:
+        return torch.zeros(0, 2)
+    logps = torch.cat(out)
+    return logps[torch.argsort(torch.tensor(order))]
 
 
 def fingerprint(examples: dict[str, list[PrefExample]], model_id: dict) -> str:
