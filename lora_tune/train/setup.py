@@ -152,6 +152,7 @@ def setup_run(cfg: C.RunCfg, records: tuple[list, list], resume: bool, overwrite
     describe(console, "train", report.train, train_ex)
     if not train_ex:
         raise LoraTuneError("no training sample has a supervised token left; raise data.max_length")
+    all_val = val_ex  # the reference log-probs cover them all: eval.max_samples may change on resume
     if val_ex:
         val_ex = val_ex[: cfg.eval.max_samples] if cfg.eval.max_samples else val_ex
         describe(console, "validation", report.val, val_ex)
@@ -160,7 +161,7 @@ def setup_run(cfg: C.RunCfg, records: tuple[list, list], resume: bool, overwrite
 
     model = _adapt(model, cfg, console)
     if getattr(objective, "needs_reference", False):
-        _reference(cfg, model, tok, precision, source_path, train_ex, val_ex, ckpt is not None, console)
+        _reference(cfg, model, tok, precision, source_path, train_ex, all_val, ckpt is not None, console)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tc)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
