@@ -26,7 +26,7 @@ from pathlib import Path
 
 from lora_tune.allocator import active as active_allocator
 from lora_tune.bench.compare import hardware, versions
-from lora_tune.bench.worker import rss_mb
+from lora_tune.bench.worker import rss_mb, trl_run_args
 from lora_tune.runtime import peak_memory_mb
 
 # metrics.jsonl / TRL log keys that are bookkeeping, not the objective's own figures
@@ -244,15 +244,8 @@ def run_trl(spec: DPOSpec, base_rss: float, work: Path) -> dict:
         truncation_mode="keep_start",
         padding_free=False,
         precompute_ref_log_probs=spec.precompute_ref,
-        gradient_checkpointing=spec.gradient_checkpointing,
-        bf16=spec.quantization != "fp32",
-        use_cpu=not cuda,
-        report_to="none",
-        save_strategy="no",
         eval_strategy="no",
-        logging_steps=1,
-        seed=spec.seed,
-        dataloader_num_workers=0,
+        **trl_run_args(spec),
         **spec.extra,
     )
     lora = LoraConfig(

@@ -49,6 +49,23 @@ class Spec:
     compile: bool | str = "auto"  # ours' train.compile (TRL runs at its default, uncompiled)
 
 
+def trl_run_args(spec) -> dict:
+    """The TrainingArguments every TRL benchmark run shares: checkpointing and precision as the spec says,
+    the CPU when there is no GPU, no saving, no reporting, a log line per step, no loader workers."""
+    import torch
+
+    return {
+        "gradient_checkpointing": spec.gradient_checkpointing,
+        "bf16": spec.quantization != "fp32",
+        "use_cpu": not torch.cuda.is_available(),
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "seed": spec.seed,
+        "dataloader_num_workers": 0,
+    }
+
+
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -183,14 +200,7 @@ def run_trl(spec: Spec, base_rss: float) -> dict:
         optim="adamw_torch",
         max_length=spec.max_length,
         packing=spec.packing,
-        gradient_checkpointing=spec.gradient_checkpointing,
-        bf16=spec.quantization != "fp32",
-        use_cpu=not torch.cuda.is_available(),
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        seed=spec.seed,
-        dataloader_num_workers=0,
+        **trl_run_args(spec),
         **spec.extra,
     )
     lora = LoraConfig(
