@@ -162,6 +162,19 @@ def answer_logps(model, batch: dict[str, torch.Tensor], slots: slice = slice(Non
     return logps.view(b, -1), counts.view(b, -1).to(logps.dtype)
 
 
+@torch.no_grad()
+def answer_logps_of(model, batches, autocast, advance=lambda n: None) -> torch.Tensor:
+    """`[N, A]` summed answer log-probs over an iterable of pair batches, in eval mode (the preference
+    evaluation and the reference precompute); `advance(1)` after each batch."""
+    out = []
+    with evaluating(model):
+        for batch in batches:
+            with autocast():
+                out.append(answer_logps(model, batch)[0].float().cpu())
+            advance(1)
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
 @contextmanager
 def adapter_disabled(model):
     """The reference model: the policy with its LoRA adapter switched off (no second copy in memory)."""

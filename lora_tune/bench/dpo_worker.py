@@ -27,6 +27,7 @@ from pathlib import Path
 from lora_tune.allocator import active as active_allocator
 from lora_tune.bench.compare import hardware, versions
 from lora_tune.bench.worker import rss_mb, trl_run_args
+from lora_tune.data.pairs import prompt_budget
 from lora_tune.runtime import peak_memory_mb
 
 # metrics.jsonl / TRL log keys that are bookkeeping, not the objective's own figures
@@ -65,7 +66,7 @@ class DPOSpec:
 
 def prompt_limit(spec: DPOSpec) -> int:
     """The prompt length both tools keep: ours' default (half of max_length) unless the spec sets one."""
-    return spec.max_prompt_length or spec.max_length // 2
+    return prompt_budget(spec.max_length, spec.max_prompt_length)
 
 
 def cut_prompt(example: dict, limit: int, max_length: int) -> dict:

@@ -11,7 +11,14 @@ from rich.table import Table
 
 from lora_tune.data.doctor import percentile
 from lora_tune.data.hygiene import deduplicate
-from lora_tune.data.pairs import PairStats, PrefExample, detect_pref_format, encode_prefs, parse_pref_record
+from lora_tune.data.pairs import (
+    PairStats,
+    PrefExample,
+    detect_pref_format,
+    encode_prefs,
+    parse_pref_record,
+    prompt_budget,
+)
 from lora_tune.data.readers import READERS, SUFFIXES, read_records
 from lora_tune.errors import LoraTuneError
 
@@ -49,7 +56,7 @@ def inspect_pairs(
 ) -> PairReport:
     """Validate and tokenize every preference record of `source`; never raises on bad records."""
     records, problems = read_records(source, parse=parse_pref_record)
-    max_prompt_length = max_prompt_length or max_length // 2
+    max_prompt_length = prompt_budget(max_length, max_prompt_length)
     rep = PairReport(str(source), problems, len(records), max_length=max_length, max_prompt_length=max_prompt_length)
     rep.kto = sum(not r.paired for r in records)
     rep.desirable = sum(bool(r.label) for r in records)

@@ -51,10 +51,6 @@ class PrefRecord:
         prompt = [{"role": m["role"], "content": m["content"]} for m in self.prompt] if self.chat else self.prompt
         return {"prompt": prompt, "answers": list(self.answers), "label": self.label}
 
-    def prompt_text(self) -> str:
-        """The prompt as plain text (for leakage checks)."""
-        return "\n".join(m["content"] for m in self.prompt) if self.chat else self.prompt
-
     def as_sft(self) -> Record:
         """The prompt with its first answer (the chosen one) as an SFT record, e.g. for a merge's fidelity check."""
         if self.chat:
@@ -114,8 +110,8 @@ def _text(obj: dict, key: str, where: str) -> tuple[str | None, list[str]]:
 def _implicit_prompt(chosen: str, rejected: str) -> str:
     """The shared start of two whole texts, cut back to a word boundary (as TRL's `extract_prompt`)."""
     shared = os.path.commonprefix([chosen, rejected])
-    cut = shared.rfind(" ") + 1 if not shared.endswith(" ") else len(shared)
-    return shared[: cut if cut > 0 else len(shared)]
+    cut = shared.rfind(" ") + 1  # after the last space; a shared start without one is kept whole
+    return shared[:cut] if cut else shared
 
 
 def _pair(where: str, prompt, chosen, rejected, problems: list[str]) -> tuple[PrefRecord | None, list[str]]:
@@ -298,6 +294,11 @@ def encode_pref(tok, rec: PrefRecord, template: str | None = None, partner: str 
     return PrefExample(rec.where, encoded[0][0], tuple(e[1] for e in encoded), rec.label)
 
 
+def prompt_budget(max_length: int, max_prompt_length: int | None) -> int:
+    """The prompt tokens a too-long sample keeps: `max_prompt_length`, by default half of `max_length`."""
+    return max_prompt_length or max_length // 2
+
+
 def fit_pair(ex: PrefExample, max_length: int, max_prompt_length: int) -> tuple[PrefExample, bool, bool]:
     """Cut a too-long example: the prompt keeps its end (at most `max_prompt_length` tokens), then the answers
     keep their start so every row fits `max_length`. Returns (example, prompt cut, answers cut)."""
@@ -312,11 +313,12 @@ def fit_pair(ex: PrefExample, max_length: int, max_prompt_length: int) -> tuple[
 
 
 def encode_prefs(
-    tok, records: list[PrefRecord], max_length: int, max_prompt_length: int, template: str | None = None
+    tok, records: list[PrefRecord], max_length: int, max_prompt_length: int | None, template: str | None = None
 ) -> tuple[list[PrefExample], PairStats]:
     """Tokenize and fit every record. Dropped (and counted, with where): pairs whose answers became
     identical after truncation, and samples with no answer token left. A KTO record's KL partner is the
     next record's answer (the first record's for the last), fixed so its reference log-prob can be cached."""
+    max_prompt_length = prompt_budget(max_length, max_prompt_length)
     stats = PairStats(records=len(records))
     out = []
     for i, rec in enumerate(records):
@@ -368,14 +370,6 @@ def collate_prefs(examples: list[PrefExample], pad_id: int) -> dict[str, torch.T
     if examples[0].label is not None:
         batch["desirable"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
     return batch
-
-
-def render_pair(tok, ex: PrefExample) -> dict[str, str]:
-    """The prompt and each answer as text (for `data inspect`)."""
-    out = {"prompt": tok.decode(ex.prompt)}
-    for name, a in zip(("chosen", "rejected") if ex.label is None else ("completion",), ex.answers, strict=False):
-        out[name] = tok.decode(a)
-    return out
 
 
 def dump_pairs(examples: list[PrefExample]) -> str:

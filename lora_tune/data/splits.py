@@ -27,11 +27,10 @@ def read_splits(cfg: DataCfg, seed: int, preference: bool = False) -> tuple[list
     `preference`: the records are preference pairs or KTO records (`data.pairs`), not SFT records.
     """
     parse = parse_pref_record if preference else parse_record
-    fmt = cfg.format if (cfg.format in PREF_FORMATS) == preference or cfg.format == "auto" else "invalid"
-    if fmt == "invalid":
+    if cfg.format != "auto" and (cfg.format in PREF_FORMATS) != preference:
         kind = "a preference objective" if preference else "train.objective=sft"
         raise LoraTuneError(f"data.format={cfg.format} does not fit {kind}; use data.format=auto")
-    read = dict(fmt=fmt, columns=cfg.columns or None, split=cfg.split, parse=parse)
+    read = dict(fmt=cfg.format, columns=cfg.columns or None, split=cfg.split, parse=parse)
     train = load_records(cfg.train_file, **read)
     if cfg.val_file:
         return train, load_records(cfg.val_file, **read)
@@ -103,7 +102,7 @@ def _clean(cfg: DataCfg, report: DataReport, train_records: list, val_records: l
 
 
 def prepare_prefs(
-    cfg: DataCfg, tok, template: str | None, max_prompt_length: int, train_records: list, val_records: list
+    cfg: DataCfg, tok, template: str | None, max_prompt_length: int | None, train_records: list, val_records: list
 ) -> tuple[list[PrefExample], list[PrefExample], DataReport]:
     """Clean and tokenize preference records of both splits (pairs keep their order: KTO's KL partners)."""
     report = DataReport()

@@ -11,9 +11,9 @@ import torch
 from lora_tune.data.batching import BatchStream
 from lora_tune.data.pairs import PrefRecord, collate_prefs, encode_prefs
 from lora_tune.errors import LoraTuneError
-from lora_tune.losses import adapter_disabled, answer_logps
+from lora_tune.losses import adapter_disabled, answer_logps_of
 from lora_tune.progress import item_progress
-from lora_tune.runtime import Precision, evaluating
+from lora_tune.runtime import Precision
 
 
 @dataclass
@@ -37,24 +37,13 @@ class PairScores:
         return out
 
 
-@torch.no_grad()
-def pair_logps(model, batches, autocast, total: int, what: str = "preference pairs (batches)") -> torch.Tensor:
-    out = []
-    with evaluating(model), item_progress(what, total) as advance:
-        for batch in batches:
-            with autocast():
-                out.append(answer_logps(model, batch)[0].float().cpu())
-            advance(1)
-    return torch.cat(out)
-
-
 def score_pairs(
     model,
     tok,
     precision: Precision,
     records: list[PrefRecord],
     max_length: int,
-    max_prompt_length: int,
+    max_prompt_length: int | None,
     batch_size: int,
     reference: bool,
 ) -> tuple[PairScores, int]:
@@ -67,9 +56,10 @@ def score_pairs(
     if not examples:
         raise LoraTuneError(f"no pair fits within --max-length {max_length}; raise it")
     stream = BatchStream(examples, batch_size, 0, tok.pad_token_id, shuffle=False, collate_fn=collate_prefs)
-    policy = pair_logps(model, stream, precision.autocast, len(stream))
+    with item_progress("preference pairs (batches)", len(stream)) as advance:
+        policy = answer_logps_of(model, stream, precision.autocast, advance)
     ref = None
     if reference:
-        with adapter_disabled(model):
-            ref = pair_logps(model, stream, precision.autocast, len(stream), "reference (base) log-probs")
+        with adapter_disabled(model), item_progress("reference (base) log-probs", len(stream)) as advance:
+            ref = answer_logps_of(model, stream, precision.autocast, advance)
     return PairScores(policy, ref), stats.records - stats.kept

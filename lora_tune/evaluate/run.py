@@ -128,8 +128,9 @@ def evaluate_model(
     details: dict[str, Any] = {}
     t0 = time.perf_counter()
     if "preference_accuracy" in s.metrics:
-        max_prompt = s.max_prompt_length or s.max_length // 2
-        scores, dropped = score_pairs(model, tok, precision, records, s.max_length, max_prompt, s.batch_size, reference)
+        scores, dropped = score_pairs(
+            model, tok, precision, records, s.max_length, s.max_prompt_length, s.batch_size, reference
+        )
         metrics |= scores.metrics()
         details |= {"pairs": len(scores.policy), "pairs_dropped": dropped, "seconds": time.perf_counter() - t0}
         return {"metrics": {k: metrics[k] for k in sorted(metrics)}, "details": details}

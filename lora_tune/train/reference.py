@@ -23,13 +23,12 @@ from lora_tune.atomic import sha256_of
 from lora_tune.data.batching import BatchStream
 from lora_tune.data.pairs import PrefExample, collate_prefs, dump_pairs
 from lora_tune.errors import LoraTuneError
-from lora_tune.losses import adapter_disabled, answer_logps
-from lora_tune.runtime import Precision, cache_dir, evaluating
+from lora_tune.losses import adapter_disabled, answer_logps_of
+from lora_tune.runtime import Precision, cache_dir
 
 FILE = "reference_logps.safetensors"
 
 
-@torch.no_grad()
 def compute(
     model, examples: list[PrefExample], batch_size: int, pad_id: int, precision: Precision, base: bool = True
 ) -> torch.Tensor:
@@ -39,18 +38,10 @@ def compute(
     Examples go through sorted by length, so batches hold little padding; rows come back in input order.
     """
     order = sorted(range(len(examples)), key=lambda i: examples[i].length)
-    ordered = [examples[i] for i in order]
-    out = []
-    stream = BatchStream(ordered, batch_size, 0, pad_id, shuffle=False, collate_fn=collate_prefs)
-    with evaluating(model), adapter_disabled(model) if base else nullcontext():
-        for batch in stream:
-            batch.pop("ref_logps", None)
-            with precision.autocast():
-                out.append(answer_logps(model, batch)[0].float().cpu())
-    if not out:
-        return torch.zeros(0, 2)
-    logps = torch.cat(out)
-    return logps[torch.argsort(torch.tensor(order))]
+    stream = BatchStream([examples[i] for i in order], batch_size, 0, pad_id, shuffle=False, collate_fn=collate_prefs)
+    with adapter_disabled(model) if base else nullcontext():
+        logps = answer_logps_of(model, stream, precision.autocast)
+    return logps[torch.argsort(torch.tensor(order, dtype=torch.long))]
 
 
 def fingerprint(examples: dict[str, list[PrefExample]], model_id: dict) -> str:

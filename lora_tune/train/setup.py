@@ -144,7 +144,7 @@ def setup_run(cfg: C.RunCfg, records: tuple[list, list], resume: bool, overwrite
     objective = build_objective(cfg)
     preference = objective.name != "sft"
     if preference:
-        max_prompt = cfg.preference.max_prompt_length or cfg.data.max_length // 2
+        max_prompt = cfg.preference.max_prompt_length  # None: half of data.max_length (pairs.prompt_budget)
         train_ex, val_ex, report = prepare_prefs(cfg.data, tok, template, max_prompt, train_records, val_records)
     else:
         train_ex, val_ex, report = prepare_data(cfg.data, tok, template, tc.seed, train_records, val_records)
