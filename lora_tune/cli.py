@@ -672,6 +672,141 @@ def bench(out, reps, steps, warmup, only, kinds, quality, seeds, tasks, ablate) 
     compare(Path(out), reps=reps, steps=steps, warmup=warmup, matrix=matrix, kinds=kind_list, log=click.echo)
 
 
+@main.command()
+@click.option(
+    "--model",
+    "model_source",
+    default=None,
+    help="base model (default: the one the adapters were trained on, else builtin:smollm2-135m)",
+)
+@click.option(
+    "--adapter",
+    "adapter_items",
+    multiple=True,
+    metavar="NAME=DIR",
+    help="serve this adapter (or run folder) as model NAME (repeatable)",
+)
+@click.option(
+    "--adapters-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="every adapter or run folder inside is a model named after it, found without a restart",
+)
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="address to listen on (0.0.0.0 opens it to others)"
+)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port")
+@click.option(
+    "--api-key",
+    envvar="LORA_TUNE_API_KEY",
+    default=None,
+    help="require 'Authorization: Bearer KEY' on every route but /health [env: LORA_TUNE_API_KEY]",
+)
+@click.option(
+    "--quantization",
+    default=None,
+    type=click.Choice(["nf4", "fp4", "int8", "bf16", "fp16", "fp32"]),
+    help="base weights (default: as the first adapter was trained, else bf16)",
+)
+@click.option(
+    "--base-weights",
+    default="original",
+    show_default=True,
+    type=click.Choice(["original", "dequantized"]),
+    help="dequantized: 16-bit weights rounded as the 4-bit base a QLoRA adapter was trained on had them",
+)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option(
+    "--max-adapters",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="adapters kept in memory; the least recently used is unloaded beyond this",
+)
+@click.option(
+    "--max-batch",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="sequences generated together in one batch",
+)
+@click.option(
+    "--max-queue",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="sequences waiting for a place; beyond this requests get 503 with Retry-After",
+)
+@click.option(
+    "--request-timeout",
+    default=600.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="seconds a request may take from arrival to its last token",
+)
+@click.option(
+    "--max-body-mb",
+    default=4.0,
+    show_default=True,
+    type=click.FloatRange(min=0.001),
+    help="largest request body accepted (413 beyond)",
+)
+@click.option(
+    "--default-max-tokens",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="reply length when a request sets no max_tokens (always capped by the context length)",
+)
+def serve(
+    model_source,
+    adapter_items,
+    adapters_dir,
+    host,
+    port,
+    api_key,
+    quantization,
+    base_weights,
+    device,
+    max_adapters,
+    max_batch,
+    max_queue,
+    request_timeout,
+    max_body_mb,
+    default_max_tokens,
+) -> None:
+    """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) for a base model
+    and many adapters at once, batched and streaming. Needs the serve extra: pip install 'lora_tune[serve]'."""
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        _fail(LoraTuneError("lora-tune serve needs FastAPI and uvicorn: pip install 'lora_tune[serve]'"))
+    from lora_tune.server.adapters import parse_adapter_args
+    from lora_tune.server.app import Limits
+    from lora_tune.server.serve import ServeOptions
+    from lora_tune.server.serve import serve as run_server
+
+    try:
+        opts = ServeOptions(
+            model=model_source,
+            adapters=parse_adapter_args(adapter_items),
+            adapters_dir=Path(adapters_dir) if adapters_dir else None,
+            host=host,
+            port=port,
+            quantization=quantization,
+            base_weights=base_weights,
+            device=device,
+            max_adapters=max_adapters,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            limits=Limits(api_key or None, int(max_body_mb * 2**20), request_timeout, default_max_tokens),
+        )
+        run_server(opts, log=lambda s: click.echo(s, err=True))
+    except LoraTuneError as e:
+        _fail(e)
+
+
 @main.command("config-reference")
 def config_reference() -> None:
     """Print every config key with its default and meaning (markdown)."""
