@@ -24,7 +24,7 @@ def random_adapter(
     training saves one, with a lora_tune.json naming its base and quantization."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
@@ -35,6 +35,7 @@ def random_adapter(
             if "lora_B" in name:
                 p.mul_(scale)
     peft_model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(out))
     meta = {"base_model": base_name or str(base_dir), "quantization": quantization, "steps": 0}
     (out / "lora_tune.json").write_text(json.dumps(meta))
     return out

@@ -189,6 +189,10 @@ def test_cancel_and_deadline_free_the_batch(tiny_model_dir, base):
 def test_queue_bound(tiny_model_dir, base):
     model, tok = base
     eng = make_engine(model, tok, max_queue=2)
+    eng.submit([job(tok, "base", PROMPTS[0], 4, Collector()) for _ in range(3)])  # an empty queue takes it
+    with pytest.raises(QueueFull):
+        eng.submit([job(tok, "base", PROMPTS[0], 4, Collector())])
+    eng.step()  # all three start
     eng.submit([job(tok, "base", PROMPTS[0], 4, Collector()) for _ in range(2)])
     with pytest.raises(QueueFull):
         eng.submit([job(tok, "base", PROMPTS[0], 4, Collector())])

@@ -85,7 +85,8 @@ def inference_precision(quantization: str, device) -> tuple[str, Precision]:
 
 
 def load_for_inference(spec: ModelSpec, device: str = "auto"):
-    """(model, tokenizer, precision); the tokenizer saved with the adapter (its training template) wins."""
+    """(model, tokenizer, precision); the tokenizer saved with the adapter (its training template) wins
+    over the base's."""
     from lora_tune.models import load_adapter, load_model, resolve_source
 
     quantization, precision = inference_precision(spec.quantization, choose_device(device))
@@ -96,7 +97,8 @@ def load_for_inference(spec: ModelSpec, device: str = "auto"):
         from lora_tune.models import load_tokenizer
 
         model = load_adapter(model, spec.adapter)
-        tok = load_tokenizer(spec.adapter, ModelCfg(source=spec.adapter))
+        if (Path(spec.adapter) / "tokenizer_config.json").is_file():  # adapters from other tools may have none
+            tok = load_tokenizer(spec.adapter, ModelCfg(source=spec.adapter))
     model.eval()
     return model, tok, precision
 

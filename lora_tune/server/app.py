@@ -197,13 +197,16 @@ def _failure(ev: Failed) -> ApiError:
 async def _collect(request, queue: asyncio.Queue, n: int, cancel) -> tuple[list[str], list[str], list[int]]:
     """Wait for every choice; a client that goes away cancels the work."""
     texts, reasons, tokens, left = [""] * n, [""] * n, [0] * n, n
+    checked = time.monotonic()
     try:
         while left:
+            if time.monotonic() - checked > 0.25:  # a few times a second, whether or not tokens arrive
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    raise ApiError(499, "the client closed the connection")
             try:
                 i, ev = await asyncio.wait_for(queue.get(), timeout=0.25)
             except TimeoutError:
-                if await request.is_disconnected():
-                    raise ApiError(499, "the client closed the connection") from None
                 continue
             if isinstance(ev, Piece):
                 texts[i] += ev.text

@@ -173,9 +173,9 @@ class Engine:
 
     # -- any thread --------------------------------------------------------------------------------
     def submit(self, jobs: list[Job]) -> None:
-        """Queue the sequences of one request together, or raise QueueFull."""
+        """Queue the sequences of one request together, or raise QueueFull (an empty queue takes any request)."""
         with self._wake:
-            if len(self._waiting) + len(jobs) > self.max_queue:
+            if self._waiting and len(self._waiting) + len(jobs) > self.max_queue:
                 raise QueueFull
             self._waiting.extend(jobs)
             self._wake.notify()
