@@ -21,8 +21,8 @@ def adapters(tiny_model_dir, tmp_path_factory):
     spare = tmp_path_factory.mktemp("spare")
     named = random_adapter(tiny_model_dir, root / "named", 0)
     (root / "dir").mkdir()
-    for seed, name in enumerate(["beta", "gamma"], start=1):
-        random_adapter(tiny_model_dir, root / "dir" / name, seed)
+    random_adapter(tiny_model_dir, root / "dir" / "beta", 1)
+    random_adapter(tiny_model_dir, root / "dir" / "gamma", 2, quantization="nf4")  # as if trained with QLoRA
     random_adapter(tiny_model_dir, spare / "delta", 3)
     return {"named": named, "dir": root / "dir", "spare": spare / "delta"}
 
@@ -58,6 +58,8 @@ def test_models_lists_the_base_and_every_adapter(client, server, tiny_model_dir)
     alpha = cards["alpha"].model_extra["lora_tune"]
     assert alpha["kind"] == "adapter" and alpha["trained_on"] == "fp32" and alpha["weights_as_trained"] is True
     assert cards["beta"].model_extra["parent"] == str(tiny_model_dir)
+    gamma = cards["gamma"].model_extra["lora_tune"]  # a QLoRA adapter on 32-bit weights: said plainly
+    assert gamma["trained_on"] == "nf4" and gamma["served_on"] == "fp32" and gamma["weights_as_trained"] is False
     base = client.models.retrieve(str(tiny_model_dir)).model_extra["lora_tune"]
     assert base == {"kind": "base", "served_on": "fp32", "context_length": 256}
 
@@ -78,6 +80,13 @@ def test_chat_with_and_without_streaming(client, server):
     raw = httpx.post(f"{server.url}/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                      json={"model": "alpha", "messages": USER, "max_tokens": 4, "stream": True}).text  # fmt: skip
     assert raw.rstrip().endswith("data: [DONE]")
+
+
+def test_max_tokens_is_capped_by_the_context(client):
+    r = client.chat.completions.create(model="alpha", messages=USER, max_tokens=100_000, temperature=0,
+                                       stop=None)  # fmt: skip
+    # the tiny model's context is 256 tokens: the reply ends there (or at an end token) instead of failing
+    assert r.usage.total_tokens <= 256 and (r.choices[0].finish_reason == "stop" or r.usage.total_tokens == 256)
 
 
 def test_completions_several_prompts_and_choices(client, tiny_model_dir):

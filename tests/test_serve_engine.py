@@ -262,3 +262,23 @@ def test_an_adapter_of_another_base_is_refused_with_the_reason(tmp_path, tiny_mo
 def test_stop_ids_cover_the_chat_end_token(base):
     _, tok = base
     assert tok.convert_tokens_to_ids("<|im_end|>") in stop_ids(tok)
+
+
+def test_dequantized_base_has_the_weights_a_4bit_load_computes_with(tiny_model_dir):
+    """--base-weights dequantized: each linear weight equals what bitsandbytes' 4-bit layer dequantizes."""
+    import bitsandbytes.functional as bf
+
+    from lora_tune.models import load_model
+    from lora_tune.runtime import Precision
+    from lora_tune.server.serve import roundtrip_linear_weights
+
+    fp32 = Precision(torch.device("cpu"), torch.float32, "test")
+    four_bit, _ = load_model(ModelCfg(source=str(tiny_model_dir), quantization="nf4"), fp32)
+    rounded = fresh_model(tiny_model_dir)
+    assert roundtrip_linear_weights(rounded, "nf4", True) == 14  # 7 linear layers x 2 blocks, not the head
+    q = dict(four_bit.named_modules())
+    for name, module in rounded.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            w4 = q[name].weight
+            assert torch.equal(module.weight, bf.dequantize_4bit(w4.data, w4.quant_state).to(torch.float32)), name
+    assert torch.equal(rounded.lm_head.weight, fresh_model(tiny_model_dir).lm_head.weight)

@@ -89,14 +89,16 @@ def _served(model, quantization: str) -> Served:
 
 def roundtrip_linear_weights(model, quant_type: str, double_quant: bool) -> int:
     """Replace each linear weight that a 4-bit load quantizes (all but the output head) by its 4-bit
-    round trip, so adapters trained on the 4-bit base see the values they were trained against."""
+    round trip, so adapters trained on the 4-bit base see the values they were trained against.
+
+    The weights are rounded from the dtype they were loaded in, as a 4-bit load rounds them.
+    """
     from lora_tune.merge import nf4_roundtrip
 
     head, done = model.get_output_embeddings(), 0
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module is not head:
-            w = module.weight.data
-            module.weight.data = nf4_roundtrip(w.to(torch.bfloat16), quant_type, double_quant).to(w.dtype)
+            module.weight.data = nf4_roundtrip(module.weight.data, quant_type, double_quant)
             done += 1
     return done
 
