@@ -23,6 +23,7 @@ from lora_tune.errors import LoraTuneError
 from lora_tune.models import adapter_meta, load_tokenizer
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+MIXED = "__mixed__"  # rows name their adapters (peft's `adapter_names=`)
 
 
 def weights_kind(quantization: str) -> str:
@@ -109,6 +110,7 @@ class AdapterSet:
         self.loaded: OrderedDict[str, Loaded] = OrderedDict()  # least recently used first
         self._toks: dict[Path, tuple[float, Any]] = {}
         self._lock = threading.Lock()
+        self._mode: str | None = None  # what the peft model is set up for: BASE, MIXED or one adapter
 
     # -- any thread --------------------------------------------------------------------------------
     def known(self) -> dict[str, Path]:
@@ -185,6 +187,28 @@ class AdapterSet:
     def peft_name(self, name: str) -> str:
         return BASE if name == self.base_id else name
 
+    def prepare(self, names: list[str]) -> bool:
+        """Set the model up for one forward pass over rows with these peft names; True when the rows
+        must name their adapters (`adapter_names=`).
+
+        peft's mixed-adapter path registers hooks on every LoRA layer for each forward pass, which costs
+        about half the step time of a 135M model on a CPU; a batch of one adapter (or of the base alone)
+        uses the plain path instead, set up only when the batch's make-up changes.
+        """
+        if not hasattr(self.model, "peft_config"):
+            return False
+        kinds = set(names)
+        mode = next(iter(kinds)) if len(kinds) == 1 else MIXED
+        if mode != self._mode:
+            if mode == BASE:
+                self.model.base_model.disable_adapter_layers()
+            else:
+                self.model.base_model.enable_adapter_layers()
+                if mode != MIXED:
+                    self.model.set_adapter(mode)
+            self._mode = mode
+        return mode == MIXED
+
     def _load(self, name: str, path: Path) -> None:
         from peft import PeftModel
 
@@ -200,12 +224,14 @@ class AdapterSet:
             raise LoraTuneError(f"adapter {name!r} at {path}{trained} can't be loaded on {self.base_id}: {line}") from e
         self.model.eval()
         self.loaded[name] = Loaded(path, _stamp(path))
+        self._mode = None  # peft changed which adapter is active
 
     def _unload(self, name: str) -> None:
         with warnings.catch_warnings():  # "active adapter is now X": rows name their adapter, none is active
             warnings.simplefilter("ignore", UserWarning)
             self.model.delete_adapter(name)
         del self.loaded[name]
+        self._mode = None
 
 
 def _stamp(path: Path) -> float:

@@ -257,12 +257,11 @@ class Engine:
         return taken
 
     def _forward(self, jobs: list[Job], **inputs):
-        model = self.adapters.model
         names = [self.adapters.peft_name(j.model) for j in jobs]
         self.stats.max_models_in_a_step = max(self.stats.max_models_in_a_step, len(set(names)))
-        if hasattr(model, "peft_config"):
+        if self.adapters.prepare(names):
             inputs["adapter_names"] = names
-        return model(**inputs, use_cache=True)
+        return self.adapters.model(**inputs, use_cache=True)
 
     def _prefill(self, jobs: list[Job]) -> Batch:
         width = max(len(j.prompt) for j in jobs)
