@@ -141,8 +141,9 @@ def random_adapter(
     scale: float = 1.0,
 ) -> Path:
     """A rank-4 adapter with random (non-zero) A and B (B times `scale`), so it changes the base's output,
-    saved as training saves one: weights, the base's tokenizer (if it has one), and a lora_tune.json naming its base and quantization.
-    Serving cost depends on shapes only, so random weights measure it exactly."""
+    saved as training saves one: weights, the base's tokenizer (if it has one), and a lora_tune.json
+    naming its base and quantization. Serving cost depends on shapes only, so random weights measure it
+    exactly."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer

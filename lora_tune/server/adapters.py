@@ -109,7 +109,7 @@ class AdapterSet:
         self.max_loaded = max(1, max_loaded)
         self.loaded: OrderedDict[str, Loaded] = OrderedDict()  # least recently used first
         self._toks: dict[Path, tuple[float, Any]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # tokenizer cache and `loaded`, read by the HTTP thread
         self._mode: str | None = None  # what the peft model is set up for: BASE, MIXED or one adapter
 
     # -- any thread --------------------------------------------------------------------------------
@@ -118,6 +118,11 @@ class AdapterSet:
         found = find_adapter_folders(self.folder) if self.folder else {}
         found.pop(self.base_id, None)
         return {**found, **self.named}
+
+    def loaded_names(self) -> list[str]:
+        """The adapters in memory, least recently used first (a snapshot: the engine may change it)."""
+        with self._lock:
+            return list(self.loaded)
 
     def path(self, name: str) -> Path | None:
         return self.known().get(name)
@@ -178,7 +183,8 @@ class AdapterSet:
                 self._unload(spare[0])
             entry = self.loaded[name]
         entry.users += 1
-        self.loaded.move_to_end(name)
+        with self._lock:
+            self.loaded.move_to_end(name)
 
     def release(self, name: str) -> None:
         if name in self.loaded:
@@ -223,14 +229,16 @@ class AdapterSet:
             line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LoraTuneError(f"adapter {name!r} at {path}{trained} can't be loaded on {self.base_id}: {line}") from e
         self.model.eval()
-        self.loaded[name] = Loaded(path, _stamp(path))
+        with self._lock:
+            self.loaded[name] = Loaded(path, _stamp(path))
         self._mode = None  # peft changed which adapter is active
 
     def _unload(self, name: str) -> None:
         with warnings.catch_warnings():  # "active adapter is now X": rows name their adapter, none is active
             warnings.simplefilter("ignore", UserWarning)
             self.model.delete_adapter(name)
-        del self.loaded[name]
+        with self._lock:
+            del self.loaded[name]
         self._mode = None
 
 

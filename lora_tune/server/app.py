@@ -79,7 +79,7 @@ def create_app(engine: Engine, adapters: AdapterSet, limits: Limits, context: in
 
     @app.get("/stats")
     async def stats():
-        return {**asdict(engine.stats), **engine.load(), "adapters_loaded": list(adapters.loaded)}
+        return {**asdict(engine.stats), **engine.load(), "adapters_loaded": adapters.loaded_names()}
 
     @app.get("/v1/models")
     async def list_models():

@@ -12,6 +12,7 @@ A sequence whose client has gone away, or whose deadline has passed, is dropped 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -205,6 +206,7 @@ class Engine:
             try:
                 self.step()
             except Exception as e:  # never lose the loop: fail what was running and go on serving
+                logging.getLogger("lora_tune.server").exception("generation step failed")
                 self._fail_all(f"generation failed: {type(e).__name__}: {e}", 500)
         self._fail_all("the server is shutting down", 503)
 
