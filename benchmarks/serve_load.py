@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         base_dir = resolve_source(args.model, log=lambda *_: None)
         names = [f"adapter{i + 1}" for i in range(args.adapters)]
-        flags = ["--model", args.model, "--max-batch", str(args.max_batch), "--max-queue", "1024"]
+        flags = ["--model", args.model, "--max-batch", str(args.max_batch), "--max-queue", "1024", "--no-jobs"]
         for i, name in enumerate(names):
             folder = random_adapter(base_dir, Path(tmp) / name, i, base_name=args.model, quantization="bf16", scale=0.3)
             flags += ["--adapter", f"{name}={folder}"]

@@ -758,6 +758,14 @@ def bench(out, reps, steps, warmup, only, kinds, quality, seeds, tasks, ablate) 
     type=click.IntRange(min=1),
     help="reply length when a request sets no max_tokens (always capped by the context length)",
 )
+@click.option(
+    "--data-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="fine-tuning service state: uploaded files, the job database, job runs "
+    "[default: ~/.local/share/lora_tune/service]",
+)
+@click.option("--no-jobs", is_flag=True, help="serve models only: no /v1/files or /v1/fine_tuning routes")
 def serve(
     model_source,
     adapter_items,
@@ -774,9 +782,12 @@ def serve(
     request_timeout,
     max_body_mb,
     default_max_tokens,
+    data_dir,
+    no_jobs,
 ) -> None:
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) for a base model
-    and many adapters at once, batched and streaming. Needs the serve extra: pip install 'lora_tune[serve]'."""
+    and many adapters at once, batched and streaming, with OpenAI's fine-tuning API (/v1/files,
+    /v1/fine_tuning/jobs) training on this machine. Needs the serve extra: pip install 'lora_tune[serve]'."""
     import importlib.util
     from pathlib import Path
 
@@ -784,7 +795,7 @@ def serve(
         _fail(LoraTuneError("lora-tune serve needs FastAPI and uvicorn: pip install 'lora_tune[serve]'"))
     from lora_tune.server.adapters import parse_adapter_args
     from lora_tune.server.app import Limits
-    from lora_tune.server.serve import ServeOptions
+    from lora_tune.server.serve import DEFAULT_DATA_DIR, ServeOptions
     from lora_tune.server.serve import serve as run_server
 
     try:
@@ -800,7 +811,13 @@ def serve(
             max_adapters=max_adapters,
             max_batch=max_batch,
             max_queue=max_queue,
-            limits=Limits(api_key or None, int(max_body_mb * 2**20), request_timeout, default_max_tokens),
+            limits=Limits(
+                api_key or None,
+                int(max_body_mb * 2**20),
+                request_timeout=request_timeout,
+                default_max_tokens=default_max_tokens,
+            ),
+            data_dir=None if no_jobs else Path(data_dir or DEFAULT_DATA_DIR).expanduser(),
         )
         run_server(opts, log=lambda s: click.echo(s, err=True))
     except LoraTuneError as e:

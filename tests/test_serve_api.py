@@ -32,7 +32,7 @@ def server(tiny_model_dir, adapters):
     srv = ServerProcess([
         "--model", str(tiny_model_dir), "--adapter", f"alpha={adapters['named']}", "--adapters-dir",
         str(adapters["dir"]), "--api-key", KEY, "--max-adapters", "2", "--max-batch", "4", "--max-queue", "2",
-        "--max-body-mb", "0.25", "--quantization", "fp32", "--device", "cpu",
+        "--max-body-mb", "0.25", "--quantization", "fp32", "--device", "cpu", "--no-jobs",
     ])  # fmt: skip
     yield srv
     srv.stop()

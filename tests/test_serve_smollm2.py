@@ -32,7 +32,7 @@ def adapters(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(adapters):
     srv = ServerProcess(["--adapter", f"one={adapters['one']}", "--adapter", f"two={adapters['two']}",
-                         "--quantization", "fp32", "--max-batch", "4"])  # fmt: skip
+                         "--quantization", "fp32", "--max-batch", "4", "--no-jobs"])  # fmt: skip
     yield srv
     srv.stop()
 

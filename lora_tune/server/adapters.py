@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,7 @@ class AdapterSet:
         named: dict[str, Path],
         folder: Path | None,
         max_loaded: int,
+        extra: Callable[[], dict[str, Path]] | None = None,
     ):
         if base_id in named:
             raise LoraTuneError(f"adapter name {base_id!r} is the base model's id; choose another name")
@@ -107,6 +109,7 @@ class AdapterSet:
         self.named = named
         self.folder = folder
         self.max_loaded = max(1, max_loaded)
+        self.extra = extra  # more adapters by name, e.g. the fine-tuning jobs' models and checkpoints
         self.loaded: OrderedDict[str, Loaded] = OrderedDict()  # least recently used first
         self._toks: dict[Path, tuple[float, Any]] = {}
         self._lock = threading.Lock()  # tokenizer cache and `loaded`, read by the HTTP thread
@@ -114,8 +117,10 @@ class AdapterSet:
 
     # -- any thread --------------------------------------------------------------------------------
     def known(self) -> dict[str, Path]:
-        """Every adapter that can be served now: named ones, then the folder's (a named one wins)."""
+        """Every adapter that can be served now: the folder's, the extra ones, the named ones (which win)."""
         found = find_adapter_folders(self.folder) if self.folder else {}
+        if self.extra is not None:
+            found |= self.extra()
         found.pop(self.base_id, None)
         return {**found, **self.named}
 

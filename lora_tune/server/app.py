@@ -49,12 +49,14 @@ class Limits:
 
     api_key: str | None = None
     max_body_bytes: int = 4 * 2**20
+    max_upload_bytes: int = 512 * 2**20  # POST /v1/files
     request_timeout: float = 600.0  # seconds from arrival to the last token
     default_max_tokens: int = 512  # when a request gives no max_tokens (always capped by the context)
 
 
-def create_app(engine: Engine, adapters: AdapterSet, limits: Limits, context: int):
-    """The FastAPI app over a started (or soon started) engine; `context` is the base's context length."""
+def create_app(engine: Engine, adapters: AdapterSet, limits: Limits, context: int, jobs=None):
+    """The FastAPI app over a started (or soon started) engine; `context` is the base's context length.
+    With a `JobService`, the files and fine-tuning jobs routes too."""
     app = FastAPI(title="lora-tune serve", docs_url=None, redoc_url=None, openapi_url=None)
     started = int(time.time())
 
@@ -164,6 +166,10 @@ def create_app(engine: Engine, adapters: AdapterSet, limits: Limits, context: in
         make = chat_response if chat else completion_response
         return make(rid, req.model, texts, reasons, usage(n_prompt, sum(tokens)))
 
+    if jobs is not None:
+        from lora_tune.server.jobs_api import add_job_routes
+
+        add_job_routes(app, jobs, _json)
     return app
 
 
@@ -252,10 +258,12 @@ async def _stream(queue, n: int, cancel, rid: str, model: str, chat: bool, n_pro
 
 
 class Guard:
-    """ASGI middleware: the Bearer key on every route but /health, and the request body size limit."""
+    """ASGI middleware: the Bearer key on every route but /health, and the request body size limits
+    (a larger one for file uploads)."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+    def __init__(self, app, limits: Limits):
+        self.app, self.api_key = app, limits.api_key
+        self.max_body, self.max_upload = limits.max_body_bytes, limits.max_upload_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -267,9 +275,10 @@ class Guard:
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
                 msg = "invalid or missing API key; send it as 'Authorization: Bearer KEY'"
                 return await _send_error(send, ApiError(401, msg, code="invalid_api_key"))
+        limit = self.max_upload if scope["path"] == "/v1/files" else self.max_body
         declared = headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body:
-            return await _send_error(send, self._too_large())
+        if declared and declared.isdigit() and int(declared) > limit:
+            return await _send_error(send, self._too_large(limit))
         seen = 0
 
         async def counting_receive():  # a body sent without (or beyond) its content-length
@@ -277,14 +286,14 @@ class Guard:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    raise self._too_large()  # answered by the app's ApiError handler
+                if seen > limit:
+                    raise self._too_large(limit)  # answered by the app's ApiError handler
             return message
 
         await self.app(scope, counting_receive, send)
 
-    def _too_large(self) -> ApiError:
-        return ApiError(413, f"the request body is larger than {self.max_body} bytes", code="request_too_large")
+    def _too_large(self, limit: int) -> ApiError:
+        return ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
 
 
 async def _send_error(send, e: ApiError) -> None:

@@ -18,6 +18,7 @@ from lora_tune.server.app import Guard, Limits, create_app
 from lora_tune.server.inference import Engine
 
 DEFAULT_BASE = "builtin:smollm2-135m"
+DEFAULT_DATA_DIR = "~/.local/share/lora_tune/service"
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ServeOptions:
     max_batch: int = 8
     max_queue: int = 64
     limits: Limits = field(default_factory=Limits)
+    data_dir: Path | None = None  # the fine-tuning service's files, jobs and runs (None: no jobs API)
 
 
 def _first_meta(opts: ServeOptions) -> dict:
@@ -122,8 +124,17 @@ def serve(opts: ServeOptions, log=print) -> None:
     except OSError as e:
         raise LoraTuneError(f"can't listen on {opts.host}:{opts.port}: {e.strerror}; choose another --port") from None
     adapters, context = build(opts, log)
+    jobs = None
+    if opts.data_dir is not None:
+        from lora_tune.server.jobs import Base, JobService
+
+        jobs = JobService(
+            opts.data_dir, Base(adapters.base_id, adapters.base_id, adapters.served.quantization), log=log
+        )
+        adapters.extra = jobs.served_models
+        log(f"fine-tuning jobs: state in {opts.data_dir}")
     engine = Engine(adapters, opts.max_batch, opts.max_queue)
-    app = Guard(create_app(engine, adapters, opts.limits, context), opts.limits.api_key, opts.limits.max_body_bytes)
+    app = Guard(create_app(engine, adapters, opts.limits, context, jobs), opts.limits)
     host, port = sock.getsockname()[:2]
     if not is_loopback(opts.host) and not opts.limits.api_key:
         log(f"warning: listening on {opts.host} without --api-key: anyone who can reach this machine can use it")
@@ -131,8 +142,12 @@ def serve(opts: ServeOptions, log=print) -> None:
     log(f"models: {names}")
     log(f"listening on http://{host if family == socket.AF_INET else f'[{host}]'}:{port}/v1  (Ctrl-C stops)")
     engine.start()
+    if jobs is not None:
+        jobs.start()
     try:
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3, lifespan="off")
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         engine.stop()
+        if jobs is not None:
+            jobs.stop()
