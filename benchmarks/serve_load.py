@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2, help="times the prompt set is sent in each phase")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts of the set")
     ap.add_argument("--adapters", type=int, default=2, help="random adapters served beside the base")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--quantization", default=None, help="passed to lora-tune serve (default: as trained, bf16)")
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                 return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=600)
 
             models = [args.model, *names]
-            work = [(models[i % len(models)], p) for _ in range(args.rounds) for i, p in enumerate(PROMPTS)]
+            prompts = PROMPTS[: args.prompts]
+            work = [(models[i % len(models)], p) for _ in range(args.rounds) for i, p in enumerate(prompts)]
             run_phase(make_client, [(m, PROMPTS[0]) for m in models], 1, 8)  # warm-up: load kernels and adapters
             print(f"sequential: {len(work)} requests from 1 client", file=sys.stderr)
             seq = summarize(*run_phase(make_client, work, 1, args.max_tokens, args.deadline))

@@ -35,12 +35,12 @@ def test_summary_counts_errors_apart_and_measures_from_request_start():
 
 def test_the_load_script_runs_against_a_real_server(tiny_model_dir, tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--model", str(tiny_model_dir), "--adapters", "1", "--rounds", "1",
-           "--clients", "4", "--max-tokens", "4", "--out", str(tmp_path), "--quantization", "fp32"]  # fmt: skip
+           "--clients", "4", "--max-tokens", "4", "--prompts", "8", "--out", str(tmp_path), "--quantization", "fp32"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = (tmp_path / "results").glob("serve-*.json")
     r = json.loads(result.read_text())
     for phase in ("sequential", "concurrent"):
-        assert r[phase]["requests"] == 16 and r[phase]["errors"] == 0 and r[phase]["generated_tokens"] > 0
+        assert r[phase]["requests"] == 8 and r[phase]["errors"] == 0 and r[phase]["generated_tokens"] > 0
     assert r["server_stats"]["max_models_in_a_step"] == 2 and "cpu_flags" in r["hardware"]
-    assert "| 4 | 16 | 0 |" in result.with_suffix(".md").read_text()
+    assert "| 4 | 8 | 0 |" in result.with_suffix(".md").read_text()

@@ -7,7 +7,7 @@ and started again puts a job that was running back in the queue, and its worker 
 checkpoint (`--resume`, exact). The worker dies with the server (PR_SET_PDEATHSIG), so a killed server
 never leaves a training process behind.
 
-OpenAI's hyperparameters map onto the config as `HYPERPARAMETERS` says; `lora_tune` (an extra body
+OpenAI's hyperparameters map onto the config as `config_for` (and the README's table) says; `lora_tune` (an extra body
 field, a dict of `section.key: value`) or `metadata["lora_tune"]` (`"section.key=value ..."`) set any
 other config key.
 """
@@ -43,16 +43,6 @@ AUTO = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0, "beta":
 BASE_LR = 2e-4  # our default train.lr: learning_rate_multiplier scales it
 MAX_MICRO_BATCH = 8  # a larger batch_size is reached by gradient accumulation
 TERMINAL = ("succeeded", "failed", "cancelled")
-HYPERPARAMETERS = """\
-| OpenAI | lora_tune config | "auto" |
-|---|---|---|
-| `n_epochs` | `train.epochs` | 3 |
-| `batch_size` | `train.micro_batch_size` (up to 8) x `train.grad_accum` | 4 |
-| `learning_rate_multiplier` | `train.lr` = multiplier x 2e-4 | 1.0 |
-| `method.dpo.hyperparameters.beta` | `train.objective: dpo`, `preference.beta` | 0.1 |
-| `seed` | `train.seed` | 42 |
-| `validation_file` | `data.val_file` | none |
-"""
 
 
 def _now() -> int:
