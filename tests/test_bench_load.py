@@ -35,7 +35,8 @@ def test_summary_counts_errors_apart_and_measures_from_request_start():
 
 def test_the_load_script_runs_against_a_real_server(tiny_model_dir, tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--model", str(tiny_model_dir), "--adapters", "1", "--rounds", "1",
-           "--clients", "4", "--max-tokens", "4", "--prompts", "8", "--out", str(tmp_path), "--quantization", "fp32"]  # fmt: skip
+           "--clients", "4", "--max-tokens", "4", "--prompts", "8", "--out", str(tmp_path),
+           "--quantization", "fp32"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = (tmp_path / "results").glob("serve-*.json")
