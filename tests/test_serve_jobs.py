@@ -253,3 +253,23 @@ def test_hyperparameters_and_overrides_map_onto_the_config(tmp_path, files):
     assert cfg.train.objective == "dpo" and cfg.preference.beta == 0.1 and cfg.train.epochs == 3
     with pytest.raises(ApiError, match="lora_tune overrides"):
         svc.create({"model": "tiny", "training_file": train["id"], "lora_tune": {"train.nonsense": 1}})
+
+
+def test_pause_then_resume_continues_from_the_last_checkpoint(client, files, tiny_model_dir):
+    train = client.files.create(file=files["train"].open("rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id,
+                                         hyperparameters={"n_epochs": 12},
+                                         extra_body={"lora_tune": {**FAST, "train.save_every": 10}})  # fmt: skip
+    end = time.monotonic() + 120
+    while not client.fine_tuning.jobs.checkpoints.list(job.id).data and time.monotonic() < end:
+        time.sleep(0.2)
+    paused = client.fine_tuning.jobs.pause(job.id)
+    assert paused.status == "paused" and not workers_of(job.id)
+    time.sleep(1.0)
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+    done = wait(client, job.id)
+    assert done.status == "succeeded", done.error
+    assert client.fine_tuning.jobs.checkpoints.list(job.id).data[0].step_number == 60
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert "Fine-tuning job resumed from its last checkpoint" in messages

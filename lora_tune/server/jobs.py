@@ -122,6 +122,7 @@ class JobService:
         self._running: str | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # a job's start and its cancel or pause, never interleaved
         self._recover()
 
     # -- files ----------------------------------------------------------------------------------------
@@ -235,23 +236,26 @@ class JobService:
         return row
 
     def cancel(self, jid: str) -> dict:
-        row = self.job(jid)
-        if row["status"] in TERMINAL:
-            raise ApiError(400, f"job {jid} is already {row['status']}", param="fine_tuning_job_id")
-        self.store.update("jobs", jid, status="cancelled", finished_at=_now())
-        self.store.event(jid, "Job cancelled by request")
-        if self._running == jid:
+        with self._lock:
+            row = self.job(jid)
+            if row["status"] in TERMINAL:
+                raise ApiError(400, f"job {jid} is already {row['status']}", param="fine_tuning_job_id")
+            self.store.update("jobs", jid, status="cancelled", finished_at=_now())
+            self.store.event(jid, "Job cancelled by request")
+            running = self._running == jid
+        if running:
             self._stop_worker()
         return self.job(jid)
 
     def pause(self, jid: str) -> dict:
-        row = self.job(jid)
-        if row["status"] != "running":
-            raise ApiError(
-                400, f"only a running job can be paused; {jid} is {row['status']}", param="fine_tuning_job_id"
-            )
-        self.store.update("jobs", jid, status="paused")
-        self.store.event(jid, "Job paused; resume continues from the last checkpoint")
+        with self._lock:
+            row = self.job(jid)
+            if row["status"] != "running":
+                raise ApiError(
+                    400, f"only a running job can be paused; {jid} is {row['status']}", param="fine_tuning_job_id"
+                )
+            self.store.update("jobs", jid, status="paused")
+            self.store.event(jid, "Job paused; resume continues from the last checkpoint")
         self._stop_worker()
         return self.job(jid)
 
@@ -382,11 +386,17 @@ class JobService:
         return load_config(None, [f"{k}={v}" for k, v in over.items()] + list(row["overrides"]))
 
     def _launch(self, row: dict) -> None:
+        with self._lock:
+            row = self.job(row["id"])
+            if row["status"] == "queued":  # not cancelled since it was picked
+                self._start_worker(row)
+
+    def _start_worker(self, row: dict) -> None:
         jid = row["id"]
         try:
             cfg = self.config_for(row)
-        except LoraTuneError as e:
-            return self._fail(jid, "invalid_config", str(e), None)
+        except Exception as e:  # a refused config, or a file deleted since validation
+            return self._fail(jid, "invalid_config", str(e) or type(e).__name__, None)
         job_dir = Path(row["run_dir"]).parent
         job_dir.mkdir(parents=True, exist_ok=True)
         config = job_dir / "config.yaml"
