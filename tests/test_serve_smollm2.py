@@ -3,8 +3,6 @@ adapters sharing one batch, and work stopped for clients that go away."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 
 import httpx
@@ -51,12 +49,16 @@ def ask(client, model: str, n: int = 24, question: str = QUESTION) -> str:
 
 def test_the_base_comes_from_the_adapters_and_greedy_text_equals_lora_tune_generate(client, adapters):
     assert [m.id for m in client.models.list()] == [BASE, "one", "two"]
-    cmd = [sys.executable, "-m", "lora_tune.cli", "generate", "--adapter", str(adapters["one"]), "--prompt", QUESTION,
-           "--max-new-tokens", "24", "--quantization", "fp32"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    from click.testing import CliRunner
+
+    from lora_tune.cli import main
+
+    args = ["generate", "--adapter", str(adapters["one"]), "--prompt", QUESTION, "--max-new-tokens", "24",
+            "--quantization", "fp32"]  # fmt: skip
+    result = CliRunner().invoke(main, args)  # the command itself, in this process
+    assert result.exit_code == 0, result.output[-2000:]
     served = ask(client, "one")
-    assert served.strip() == proc.stdout.strip() and len(served) > 20
+    assert served.strip() == result.stdout.strip() and len(served) > 20
     assert served != ask(client, BASE)
 
 

@@ -163,6 +163,12 @@ class JobService:
     # -- jobs -----------------------------------------------------------------------------------------
     def create(self, body: dict) -> dict:
         """Validate a job request and queue it (files are checked at its validating_files step)."""
+        for name in ("hyperparameters", "method", "metadata"):
+            if body.get(name) is not None and not isinstance(body[name], dict):
+                raise ApiError(400, f"{name} must be an object", param=name)
+        mtype = (body.get("method") or {}).get("type", "supervised")
+        if not isinstance((body.get("method") or {}).get(mtype, {}), dict):
+            raise ApiError(400, f"method.{mtype} must be an object", param=f"method.{mtype}")
         model = body.get("model")
         if model not in (self.base.id, self.base.source):
             raise ApiError(
