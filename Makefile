@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/lora-tune demo
 
+# tests run in one worker per core, each test file in one worker (many wait on servers and child processes)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lora_tune tests benchmarks

@@ -245,7 +245,9 @@ def test_a_killed_server_resumes_the_running_job_after_restart(tiny_model_dir, f
                                           max_tokens=4)  # fmt: skip
         assert reply.usage.completion_tokens >= 1
     finally:
+        print(f"exit codes {first.proc.returncode} {second.proc.poll()}")
         second.stop()
+        print("first server:\n" + "".join(first.log[-40:]) + "\nsecond server:\n" + "".join(second.log[-60:]))
 
 
 def test_hyperparameters_and_overrides_map_onto_the_config(tmp_path, files):

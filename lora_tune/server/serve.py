@@ -121,6 +121,7 @@ def serve(opts: ServeOptions, log=print) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((opts.host, opts.port))
+        sock.listen(2048)  # connections wait in the backlog from now on, until uvicorn accepts them
     except OSError as e:
         raise LoraTuneError(f"can't listen on {opts.host}:{opts.port}: {e.strerror}; choose another --port") from None
     adapters, context = build(opts, log)
