@@ -133,9 +133,14 @@ class AdapterSet:
         return self.known().get(name)
 
     def tokenizer(self, name: str):
-        """The tokenizer for a model id (the adapter's own when it saved one), read again when it changes."""
-        path = self.path(name) if name != self.base_id else None
-        if path is None or not (path / "tokenizer_config.json").is_file():
+        """The tokenizer for a model id (the adapter's own when it saved one, read again when it changes),
+        or None when no model has that id."""
+        if name == self.base_id:
+            return self.base_tok
+        path = self.path(name)
+        if path is None:
+            return None
+        if not (path / "tokenizer_config.json").is_file():
             return self.base_tok
         stamp = (path / "tokenizer_config.json").stat().st_mtime
         with self._lock:

@@ -126,9 +126,10 @@ def create_app(engine: Engine, adapters: AdapterSet, limits: Limits, context: in
         return await _run(request, req, name, tok, prompts, chat=False)
 
     def _tokenizer(model: str):
-        if model != adapters.base_id and adapters.path(model) is None:
+        tok = adapters.tokenizer(model)  # one lookup of the adapters (folder listing, jobs' models)
+        if tok is None:
             raise _unknown_model(model)
-        return adapters.tokenizer(model), model
+        return tok, model
 
     async def _run(request: Request, req, name: str, tok, prompts: list[list[int]], chat: bool):
         req.refuse_unsupported()

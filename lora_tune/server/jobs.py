@@ -374,7 +374,7 @@ class JobService:
         over = {
             "model.source": self.base.source,
             "model.quantization": self.base.quantization,
-            "data.train_file": self.store.get("files", row["training_file"])["path"],
+            "data.train_file": train["path"],
             "train.epochs": hp["n_epochs"],
             "train.micro_batch_size": micro,
             "train.grad_accum": math.ceil(batch / micro),
