@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -62,16 +63,39 @@ def _quiet_known_noise() -> None:
 @click.argument("overrides", nargs=-1)
 @click.option("--resume", is_flag=True, help="continue from the latest checkpoint in output_dir")
 @click.option("--overwrite", is_flag=True, help="delete an existing run in output_dir first")
-def train(config: str, overrides: tuple[str, ...], resume: bool, overwrite: bool) -> None:
+@click.option(
+    "--nproc",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="train on this many processes (one per GPU; DDP) through torchrun",
+)
+def train(config: str, overrides: tuple[str, ...], resume: bool, overwrite: bool, nproc: int) -> None:
     """Train a LoRA adapter: lora-tune train CONFIG.yaml [section.key=value ...]."""
     from lora_tune.config import load_config
-    from lora_tune.finetune import finetune as run
 
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, overrides)  # a bad config fails here, before any process starts
+        if nproc > 1 and "WORLD_SIZE" not in os.environ:
+            _launch(cfg, nproc, ["train", config, *overrides, *(["--resume"] if resume else [])], overwrite)
+        from lora_tune.finetune import finetune as run
+
         run(cfg, resume=resume, overwrite=overwrite)
     except LoraTuneError as e:
         _fail(e)
+
+
+def _launch(cfg, nproc: int, args: list[str], overwrite: bool) -> None:
+    """Become torchrun, starting `nproc` training processes (each runs `lora-tune train` as one rank)."""
+    import torch
+
+    from lora_tune.train.distributed import torchrun_command
+
+    if cfg.train.device != "cpu" and torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise LoraTuneError(f"--nproc {nproc}, but {torch.cuda.device_count()} GPU(s) are visible; one process per GPU")
+    command = torchrun_command(nproc, [*args, *(["--overwrite"] if overwrite else [])])
+    sys.stdout.flush()
+    os.execv(command[0], command)
 
 
 @main.command()

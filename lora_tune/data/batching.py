@@ -171,6 +171,12 @@ class BatchStream:
     given with a `collate_fn` for it). `pad`: random order, padded. `group_by_length`: random order, then
     samples of similar length batched together (less padding), batches shuffled. `pack`: `batch_size`
     packed rows per micro-batch.
+
+    With `shard=(rank, world)` the micro-batches are global ones (`batch_size` is then the rows of all
+    ranks together) and `next()` gives this rank rows rank, rank+world, ... of each; so every rank walks
+    the same plan and one `position` says where all of them stand. A rank whose share of a short last
+    batch is empty gets one row marked `dummy` (it must still run a forward and backward, which count
+    for nothing).
     """
 
     def __init__(
@@ -183,6 +189,7 @@ class BatchStream:
         strategy: str = "pad",
         max_length: int | None = None,
         collate_fn: Callable[[list, int], dict[str, torch.Tensor]] = collate,
+        shard: tuple[int, int] = (0, 1),
     ):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown batching strategy {strategy!r}")
@@ -193,6 +200,7 @@ class BatchStream:
         self.shuffle = shuffle
         self.strategy = strategy
         self.collate_fn = collate_fn  # padded samples; `data.pairs.collate_prefs` for preference data
+        self.shard = shard
         self.position = Position()
         self._cached: tuple[int, list[list[list[int]]]] | None = None
         self._rows = None
@@ -249,7 +257,12 @@ class BatchStream:
             self.position = Position(self.position.epoch + 1, 0)
         batch = self.plan(self.position.epoch)[self.position.index]
         self.position.index += 1
-        return self.collate(batch)
+        rank, world = self.shard
+        mine = batch[rank::world]
+        if not mine:
+            out = self.collate(batch[:1])
+            return out | {"dummy": torch.ones(out["input_ids"].shape[0], dtype=torch.bool)}
+        return self.collate(mine)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """One pass over epoch 0's plan (for evaluation, with shuffle=False: file order)."""

@@ -8,6 +8,7 @@ tensors come from safetensors or `torch.load(weights_only=True)`, the rest from 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -39,6 +40,13 @@ def rng_state(cuda=torch.cuda) -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": cuda.get_rng_state_all() if cuda.is_available() else [],
     }
+
+
+def rng_bytes() -> bytes:
+    """`rng_state()` as the bytes of a `torch.save` file (what a checkpoint's rng.pt holds)."""
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
+    return buffer.getvalue()
 
 
 def set_rng_state(state: dict[str, Any], cuda=torch.cuda, note=print) -> None:
@@ -128,13 +136,18 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler,
     keep_last: int,
     protect: int | None = None,
+    rngs: list[bytes] | None = None,
 ) -> Path:
     """Write `checkpoints/step-N/` (N = `state.step`) atomically, then delete all but the newest `keep_last`
     (and the checkpoint of step `protect`, the best evaluation's).
 
+    `rngs` are the random states of every training process in rank order, as `rng_bytes` made them
+    (default: this process's); rank 0's go to `rng.pt`, rank r's to `rng-rank{r}.pt`.
+
     A failed write (disk full, no permission) removes the half-written folder, leaves every earlier
     checkpoint as it was, and raises an error that says so.
     """
+    rngs = rngs or [rng_bytes()]
     final = checkpoint_dir(run_dir, state.step)
     root = final.parent
     tmp = None
@@ -145,7 +158,8 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        for rank, rng in enumerate(rngs):
+            (tmp / rng_file(rank)).write_bytes(rng)
         digests = {f.name: sha256_of(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         saved = {**state.to_dict(), "sha256": digests}
         (tmp / "state.json").write_text(json.dumps({**saved, "self_sha256": state_digest(saved)}, indent=2))
@@ -184,11 +198,23 @@ def load_adapter_weights(path: Path, model) -> None:
         raise RuntimeError(f"checkpoint {path} has weights this model lacks: {unexpected[:3]}")
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> TrainState:
-    """Restore adapter weights, optimizer, scheduler, scaler and RNG; return the saved state."""
+def rng_file(rank: int) -> str:
+    """The file of rank `rank`'s random states in a checkpoint (`rng.pt`: rank 0, and a single process)."""
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, rank: int = 0, note=print) -> TrainState:
+    """Restore adapter weights, optimizer, scheduler, scaler and this rank's RNG; return the saved state.
+
+    Every rank restores the same weights and optimizer state (rank 0 saved them; DDP keeps them equal).
+    """
     load_adapter_weights(path, model)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    rng = path / rng_file(rank)
+    if rng.is_file():
+        set_rng_state(torch.load(rng, weights_only=True), note=note)
+    else:  # resumed on more processes than saved: this rank's dropout stream starts anew
+        note(f"note: {path} holds no random state of rank {rank}; its dropout masks start from a new seed")
     return read_state(path)

@@ -23,7 +23,7 @@ import torch
 from lora_tune.data.batching import BatchStream
 from lora_tune.progress import StepProgress
 from lora_tune.runtime import evaluating, peak_memory_mb
-from lora_tune.train.checkpoint import save_checkpoint
+from lora_tune.train.checkpoint import rng_bytes, save_checkpoint
 from lora_tune.train.metrics import MetricsLog
 from lora_tune.train.run import Run
 from lora_tune.train.step import StepOut, in_pieces, pieces
@@ -236,10 +236,27 @@ class Checkpointing(Hook):
             self.save(run)
 
     def save(self, run: Run) -> None:
+        """Every rank hands rank 0 its random states; rank 0 writes the checkpoint."""
         p = run.parts
-        args = (run.run_dir, run.state, p.model, p.optimizer, run.scheduler, p.scaler, self.keep_last)
-        save_checkpoint(*args, protect=run.state.best_step)
+        rngs = p.dist.gather_bytes(rng_bytes())
         self.last_saved = run.state.step
+        if not p.dist.main:
+            return
+        args = (run.run_dir, run.state, p.model, p.optimizer, run.scheduler, p.scaler, self.keep_last)
+        save_checkpoint(*args, protect=run.state.best_step, rngs=rngs)
+
+
+class SyncRanks(Hook):
+    """With several processes: after each step, rank 0's verdicts reach the others before anything acts on
+    them. Rank 0 alone evaluates, so early stopping and the best evaluation are decided there; the other
+    ranks take its stop reason and best score, and so checkpoint and stop at the same steps."""
+
+    def on_step_end(self, run: Run, out: StepOut) -> None:
+        if not run.parts.dist.enabled:
+            return
+        s = run.state
+        verdict = (run.stop_reason, s.stopped, s.best_score, s.best_step, s.bad_evals)
+        run.stop_reason, s.stopped, s.best_score, s.best_step, s.bad_evals = run.parts.dist.broadcast(verdict)
 
 
 def train_record(run: Run, out: StepOut, lr: float, seconds: float) -> Record:

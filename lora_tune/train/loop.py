@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,19 @@ from lora_tune.data.pairs import check_kind
 from lora_tune.data.splits import read_splits
 from lora_tune.errors import LoraTuneError
 from lora_tune.runtime import Precision, peak_memory_mb
+from lora_tune.train import distributed
 from lora_tune.train.checkpoint import checkpoint_dir, load_adapter_weights
-from lora_tune.train.hooks import Checkpointing, EarlyStopping, Evaluation, Hook, MetricsFile, Progress, train_record
+from lora_tune.train.distributed import Dist
+from lora_tune.train.hooks import (
+    Checkpointing,
+    EarlyStopping,
+    Evaluation,
+    Hook,
+    MetricsFile,
+    Progress,
+    SyncRanks,
+    train_record,
+)
 from lora_tune.train.metrics import MetricsLog, plot_losses
 from lora_tune.train.run import Run
 from lora_tune.train.rundir import run_lock
@@ -95,7 +107,18 @@ def train(
     `task_metric` computes `eval.metric` and `fit_memory` applies `train.auto_fit`; both come from the
     layers above training (`lora_tune.finetune.finetune` passes them). `hooks` run after ours.
     """
+    dist, _ = distributed.start(cfg.train.device)
+    try:
+        return _train(cfg, resume, overwrite, console, task_metric, fit_memory, hooks, dist)
+    finally:
+        distributed.stop(dist)
+
+
+def _train(cfg, resume, overwrite, console, task_metric, fit_memory, hooks, dist: Dist) -> TrainResult:
+    """`train` in a process that has joined the others (if any): rank 0 alone writes and prints."""
     console = console or Console(soft_wrap=True)
+    if not dist.main:
+        console = Console(quiet=True)
     t_start = time.perf_counter()
     if cfg.train.auto_fit:
         if fit_memory is None:
@@ -108,23 +131,27 @@ def train(
     if objective != "sft":
         for split in records:
             check_kind(split, paired=objective != "kto", objective=objective)
-    with run_lock(Path(cfg.output_dir), console.print):
-        run = setup_run(cfg, records, resume, overwrite, console)
+    with run_lock(Path(cfg.output_dir), console.print) if dist.main else nullcontext():
+        run = setup_run(cfg, records, resume, overwrite, console, dist)
         run.t_start = t_start
-        run.hooks = [*default_hooks(run, task_metric), *hooks]
+        run.hooks = [*default_hooks(run, task_metric), *hooks] if dist.main else [SyncRanks(), checkpointing(run)]
         fit(run)
-        if cfg.train.load_best_at_end:
-            restore_best(run)
-        meta = {"base_model": cfg.model.source, "quantization": cfg.model.quantization, "steps": run.state.step}
-        meta |= {"objective": objective, "started_from": cfg.model.adapter}
-        meta["weights_of_step"] = run.state.best_step if cfg.train.load_best_at_end else run.state.step
-        meta["config"] = C.to_dict(cfg)
-        adapter_dir = save_adapter(run.parts.model, run.tok, run.run_dir / "adapter", meta)
+        adapter_dir = run.run_dir / "adapter"
+        if dist.main:
+            if cfg.train.load_best_at_end:
+                restore_best(run)
+            meta = {"base_model": cfg.model.source, "quantization": cfg.model.quantization, "steps": run.state.step}
+            meta |= {"objective": objective, "started_from": cfg.model.adapter, "processes": dist.world}
+            meta["weights_of_step"] = run.state.best_step if cfg.train.load_best_at_end else run.state.step
+            meta["config"] = C.to_dict(cfg)
+            save_adapter(run.parts.model, run.tok, adapter_dir, meta)
+        dist.barrier()  # the others return once the adapter is written
         return summarise(run, adapter_dir)
 
 
 def default_hooks(run: Run, task_metric: TaskMetric | None) -> list[Hook]:
-    """Ours, in the order they run (see `fit`): log, trackers, progress, evaluation, early stopping, checkpoints."""
+    """Rank 0's, in the order they run (see `fit`): log, trackers, progress, evaluation, early stopping,
+    the other ranks' sync, checkpoints. The other ranks run only the last two (and no hooks of the caller)."""
     tc, ec = run.cfg.train, run.cfg.eval
     metric_fn = None
     if task_metric is not None and ec.metric != "none" and run.val_records:
@@ -135,8 +162,14 @@ def default_hooks(run: Run, task_metric: TaskMetric | None) -> list[Hook]:
         Progress(tc.log_every, ec.metric),
         Evaluation(run.val_stream, tc.eval_every, metric_fn, ec.metric),
         EarlyStopping(tc.early_stopping_patience, tc.early_stopping_min_delta, ec.early_stopping_on, ec.metric),
-        Checkpointing(tc.save_every, tc.keep_last, at_best=tc.load_best_at_end),
+        SyncRanks(),
+        checkpointing(run),
     ]
+
+
+def checkpointing(run: Run) -> Checkpointing:
+    tc = run.cfg.train
+    return Checkpointing(tc.save_every, tc.keep_last, at_best=tc.load_best_at_end)
 
 
 def restore_best(run: Run) -> None:
@@ -159,9 +192,10 @@ def summarise(run: Run, adapter_dir: Path) -> TrainResult:
     """The run's TrainResult (from metrics.jsonl, so evaluations from before a resume count too), and the plot."""
     records = MetricsLog(run.metrics_path).read()
     train_losses = [r["loss"] for r in records if r.get("split", "train") == "train"]
-    title = f"{run.cfg.model.source} - {run.run_dir.name}"
-    plot = plot_losses(records, run.run_dir / "loss.png", title=title, unit=run.parts.objective.unit)
-    run.note(f"adapter saved to {adapter_dir}; metrics in {run.metrics_path}; plot in {plot}")
+    if run.parts.dist.main:  # the other ranks read what rank 0 wrote
+        title = f"{run.cfg.model.source} - {run.run_dir.name}"
+        plot = plot_losses(records, run.run_dir / "loss.png", title=title, unit=run.parts.objective.unit)
+        run.note(f"adapter saved to {adapter_dir}; metrics in {run.metrics_path}; plot in {plot}")
     return TrainResult(
         run_dir=run.run_dir,
         adapter_dir=adapter_dir,

@@ -18,6 +18,7 @@ TRL's names: `rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from lora_tune.losses import IGNORE, adapter_disabled, answer_logps, token_losses_and_accuracy
 
 Batch = dict[str, torch.Tensor]
+Sum = Callable[[list[float]], list[float]]  # sums over the training processes (`Dist.sum`; `list` when alone)
 
 
 @dataclass
@@ -45,7 +47,7 @@ class Objective(Protocol):
 
     def units(self, batch: Batch) -> int: ...
 
-    def begin_step(self, model, micro: list[Batch]) -> None: ...
+    def begin_step(self, model, micro: list[Batch], all_ranks: Sum = list) -> None: ...
 
     def loss_sum(self, model, batch: Batch) -> LossSum: ...
 
@@ -66,7 +68,7 @@ class SFT:
     def units(self, batch: Batch) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
 
-    def begin_step(self, model, micro: list[Batch]) -> None:
+    def begin_step(self, model, micro: list[Batch], all_ranks: Sum = list) -> None:
         pass
 
     def loss_sum(self, model, batch: Batch) -> LossSum:
@@ -154,7 +156,7 @@ class PairObjective:
     def units(self, batch: Batch) -> int:
         return int(batch["input_ids"].shape[0])
 
-    def begin_step(self, model, micro: list[Batch]) -> None:
+    def begin_step(self, model, micro: list[Batch], all_ranks: Sum = list) -> None:
         pass
 
     def report(self, figures: dict[str, float], units: int) -> dict[str, float]:
@@ -230,12 +232,15 @@ class KTO:
         return int(batch["input_ids"].shape[0])
 
     @torch.no_grad()
-    def begin_step(self, model, micro: list[Batch]) -> None:
+    def begin_step(self, model, micro: list[Batch], all_ranks: Sum = list) -> None:
         total, n = 0.0, 0
         for batch in micro:
+            if "dummy" in batch:  # a rank's empty share of a short batch (see BatchStream)
+                continue
             policy = answer_logps(model, batch, slice(1, 2), self.chunked)[0]
             total += float((policy - reference_logps(model, batch, slice(1, 2), self.chunked)).sum())
             n += policy.shape[0]
+        total, n = all_ranks([total, n])
         self.kl = torch.tensor(max(total / max(n, 1), 0.0))
 
     def loss_sum(self, model, batch: Batch) -> LossSum:

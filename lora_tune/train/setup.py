@@ -10,6 +10,7 @@ import json
 import math
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +42,14 @@ from lora_tune.runtime import choose_device, choose_precision
 from lora_tune.train import reference
 from lora_tune.train.checkpoint import latest_checkpoint, latest_good_checkpoint, load_checkpoint, read_state
 from lora_tune.train.compile import choose_compile, compile_layers
+from lora_tune.train.distributed import Dist, wrap_ddp
 from lora_tune.train.metrics import MetricsLog
 from lora_tune.train.objectives import build_objective
 from lora_tune.train.optim import build_optimizer, build_scheduler
 from lora_tune.train.run import Run
 from lora_tune.train.rundir import check_fresh_dir, clear_run_dir
 from lora_tune.train.state import TrainState
-from lora_tune.train.step import StepParts
+from lora_tune.train.step import LossOf, StepParts
 
 
 def set_seed(seed: int) -> None:
@@ -117,19 +119,31 @@ def _print_dropped(console: Console, where: list[str]) -> None:
         console.print(f"  dropped: {', '.join(where[:5])}{' ...' if len(where) > 5 else ''}")
 
 
-def setup_run(cfg: C.RunCfg, records: tuple[list, list], resume: bool, overwrite: bool, console: Console) -> Run:
+def setup_run(
+    cfg: C.RunCfg,
+    records: tuple[list, list],
+    resume: bool,
+    overwrite: bool,
+    console: Console,
+    dist: Dist | None = None,
+) -> Run:
     """Everything the loop needs, restored from the latest checkpoint when resuming one.
 
-    `records` are the (train, validation) records `data.splits.read_splits` read and validated.
+    `records` are the (train, validation) records `data.splits.read_splits` read and validated. `dist`
+    (from `distributed.start`) places this process among several; rank 0 alone checks and clears the run
+    folder, the others learn its verdict.
     """
-    ckpt = check_run_dir(cfg, resume, overwrite, console.print)
-    saved = read_state(ckpt) if ckpt is not None else None
     tc = cfg.train
+    dist = dist or Dist(device=choose_device(tc.device))
+    ckpt = _checked_on_main(dist, lambda: check_run_dir(cfg, resume, overwrite, console.print))
+    saved = read_state(ckpt) if ckpt is not None else None
     train_records, val_records = records
-    device = choose_device(tc.device)
+    device = dist.device
+    check_distributed(cfg, dist, saved)
     weight_dtype = cfg.model.quantization if cfg.model.quantization in ("bf16", "fp16") else None
     precision = choose_precision(tc.precision, device, weight_dtype, saved.precision if saved else None)
-    console.print(f"device: {device}, precision: {precision.reason}")
+    ranks = f" (rank {dist.rank} of {dist.world})" if dist.enabled else ""
+    console.print(f"device: {device}{ranks}, precision: {precision.reason}")
     if device.type == "cpu":
         console.print(f"allocator: {allocator.describe()}", highlight=False)
 
@@ -165,20 +179,26 @@ def setup_run(cfg: C.RunCfg, records: tuple[list, list], resume: bool, overwrite
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tc)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
-    parts = StepParts(model, objective, optimizer, scaler, params, precision, tc.max_grad_norm)
+    parts = StepParts(model, objective, optimizer, scaler, params, precision, tc.max_grad_norm, dist)
+    if dist.enabled:
+        parts.ddp = wrap_ddp(LossOf(model, objective), dist)
+        if dist.rank:  # dropout masks differ between ranks (rank 0 draws what a single process would)
+            torch.manual_seed(tc.seed + 1_000_003 * dist.rank)
+        total = tc.micro_batch_size * dist.world
+        console.print(f"distributed: DDP over {dist.world} processes, {total} rows per micro-batch in all")
     collate_fn = collate_prefs if preference else collate
-    batching = choose_batching(
-        train_ex, tc.micro_batch_size, tc.seed, cfg.data.packing, cfg.data.group_by_length, not preference
-    )
+    rows = tc.micro_batch_size * dist.world  # a micro-batch of all ranks together
+    batching = choose_batching(train_ex, rows, tc.seed, cfg.data.packing, cfg.data.group_by_length, not preference)
     console.print(f"batching: {batching.reason}", highlight=False)
     stream = BatchStream(
         train_ex,
-        tc.micro_batch_size,
+        rows,
         tc.seed,
         tok.pad_token_id,
         strategy=batching.strategy,
         max_length=cfg.data.max_length,
         collate_fn=collate_fn,
+        shard=(dist.rank, dist.world),
     )
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * len(stream) / tc.grad_accum))
     # evaluating in batches no larger than training's keeps evaluation within the memory training needs
@@ -198,6 +218,43 @@ def setup_run(cfg: C.RunCfg, records: tuple[list, list], resume: bool, overwrite
     run = Run(cfg, console, parts, scheduler, stream, val_stream, tok, report.val_records, TrainState(), total_steps)
     _start_or_restore(run, ckpt)
     return run
+
+
+def _checked_on_main(dist: Dist, check: Callable[[], Path | None]) -> Path | None:
+    """`check()` (the run folder's check, which may clear or set aside folders) on rank 0 only; every
+    rank gets its answer, or raises its error, so no rank waits for one that has given up."""
+    if not dist.enabled:
+        return check()
+    answer: tuple[str | None, str | None] = (None, None)
+    if dist.main:
+        try:
+            found = check()
+            answer = (str(found) if found is not None else None, None)
+        except LoraTuneError as e:
+            answer = (None, str(e))
+    path, error = dist.broadcast(answer)
+    if error is not None:
+        raise LoraTuneError(error)
+    return Path(path) if path is not None else None
+
+
+def check_distributed(cfg: C.RunCfg, dist: Dist, saved: TrainState | None) -> None:
+    """Refuse what does not work across processes yet, and a resume whose global batch would change."""
+    if saved is not None and saved.world != dist.world:
+        raise LoraTuneError(
+            f"this run was trained on {saved.world} process(es), now {dist.world}: a micro-batch would hold "
+            f"{cfg.train.micro_batch_size * dist.world} rows instead of {cfg.train.micro_batch_size * saved.world}, "
+            f"and the data position would mean other samples. Resume with --nproc {saved.world}"
+        )
+    if not dist.enabled:
+        return
+    if cfg.preference.precompute_ref or (cfg.model.adapter and cfg.train.objective in ("dpo", "kto")):
+        raise LoraTuneError(
+            "a precomputed reference (preference.precompute_ref, or dpo/kto from model.adapter) is not supported "
+            "with more than one process yet; train on one process, or set preference.precompute_ref=false"
+        )
+    if cfg.train.auto_fit:
+        raise LoraTuneError("train.auto_fit plans one process; with --nproc set micro_batch_size and grad_accum")
 
 
 def _adapt(model, cfg: C.RunCfg, console: Console):
@@ -256,23 +313,33 @@ def _reference(cfg: C.RunCfg, model, tok, precision, source_path, train_ex, val_
 
 
 def _start_or_restore(run: Run, ckpt: Path | None) -> None:
-    """A fresh run writes its config and an empty log; a resumed one loads its checkpoint and trims its log."""
+    """A fresh run writes its config and an empty log; a resumed one loads its checkpoint and trims its log.
+
+    Every rank restores the checkpoint; only rank 0 writes.
+    """
     log = MetricsLog(run.metrics_path)
+    main = run.parts.dist.main
     if ckpt is None:
         run.state = TrainState(
-            precision=run.parts.precision.name, threads=torch.get_num_threads(), config_hash=C.config_hash(run.cfg)
+            precision=run.parts.precision.name,
+            threads=torch.get_num_threads(),
+            config_hash=C.config_hash(run.cfg),
+            world=run.parts.dist.world,
         )
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run.run_dir / "config.yaml", C.dump_yaml(run.cfg))
-        if log.path.exists():
-            log.path.unlink()
+        if main:
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run.run_dir / "config.yaml", C.dump_yaml(run.cfg))
+            if log.path.exists():
+                log.path.unlink()
         return
     p = run.parts
-    run.state = load_checkpoint(ckpt, p.model, p.optimizer, run.scheduler, p.scaler)
+    run.state = load_checkpoint(ckpt, p.model, p.optimizer, run.scheduler, p.scaler, p.dist.rank, run.note)
+    run.state.world = p.dist.world
     run.resumed_from = run.state.step
     run.stop_reason = run.state.stopped  # an early-stopped run stays stopped
     run.stream.position = dataclasses.replace(run.state.position)  # a copy: the stream advances its own
-    log.truncate_after(run.state.step)
+    if main:
+        log.truncate_after(run.state.step)
     if run.state.threads != torch.get_num_threads():
         run.note(
             f"[yellow]note: {torch.get_num_threads()} threads now, {run.state.threads} before; "

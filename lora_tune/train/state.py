@@ -25,6 +25,7 @@ class TrainState:
     split: int = 1  # pieces each micro-batch runs as (doubled by out-of-memory recovery)
     stopped: str | None = None  # why training ended early (a resumed run that stopped does not go on)
     objective: dict[str, Any] = field(default_factory=dict)  # whatever the objective needs to resume
+    world: int = 1  # training processes (each trains on its share of every micro-batch; see BatchStream)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the checkpoint's `state.json`)."""

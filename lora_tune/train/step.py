@@ -2,6 +2,8 @@
 
 Each micro-batch's summed loss is divided by the units of the whole step (supervised tokens for SFT),
 so k micro-batches give the gradients of one k-times-larger batch whatever their padding or lengths.
+With several processes the units are summed over all ranks first and gradients are averaged by DDP in
+the step's last backward (`no_sync` before it), so N ranks give the gradients of one N-times-larger batch.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from lora_tune.errors import LoraTuneError
 from lora_tune.losses import real_tokens
 from lora_tune.runtime import Precision
+from lora_tune.train.distributed import Dist, no_sync
 from lora_tune.train.objectives import Batch, Objective
 
 T = TypeVar("T")
@@ -32,6 +35,21 @@ class StepParts:
     params: list[torch.nn.Parameter]  # the trainable ones (clipped together)
     precision: Precision
     max_grad_norm: float = 1.0  # 0 disables clipping
+    dist: Dist = field(default_factory=Dist)  # this process among the training processes
+    ddp: torch.nn.Module | None = None  # with several processes: DDP around `LossOf(model, objective)`
+
+
+class LossOf(torch.nn.Module):
+    """The objective's loss as a module's forward, for DDP to wrap: DDP prepares its gradient all-reduce
+    in its own forward, and our losses call the decoder and LM head directly (not the model's forward)."""
+
+    def __init__(self, model: torch.nn.Module, objective: Objective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch: Batch):
+        out = self.objective.loss_sum(self.model, batch)
+        return out.loss, out.figures
 
 
 @dataclass
@@ -55,10 +73,13 @@ def optimizer_step(parts: StepParts, micro: list[Batch], split: int = 1, log: Ca
     out-of-memory error the step is redone with twice the pieces (no data is skipped), and the new
     `split` is returned for the steps that follow.
     """
-    units = sum(parts.objective.units(b) for b in micro)
+    dist = parts.dist
+    local = [sum(parts.objective.units(b) for b in micro if "dummy" not in b)]
+    local += [sum(real_tokens(b) for b in micro if "dummy" not in b), sum(b["input_ids"].numel() for b in micro)]
+    units, real, padded = (int(v) for v in dist.sum(local))
     rows = micro[0]["input_ids"].shape[0]
     with parts.precision.autocast():
-        parts.objective.begin_step(parts.model, micro)
+        parts.objective.begin_step(parts.model, micro, dist.sum)
 
     def retrying(new_split: int) -> None:
         parts.optimizer.zero_grad(set_to_none=True)  # the failed try's partial gradients
@@ -69,6 +90,11 @@ def optimizer_step(parts: StepParts, micro: list[Batch], split: int = 1, log: Ca
 
     asked = split
     (loss_total, figures), split = in_pieces(lambda s: _accumulate(parts, micro, s, units), split, rows, retrying)
+    if dist.enabled:  # the step's totals over all ranks; the next step's pieces as the most any rank needed
+        keys = sorted(figures)
+        loss_total, *values = dist.sum([float(loss_total), *(float(figures[k]) for k in keys)])
+        figures = dict(zip(keys, values, strict=True))
+        split = dist.max(split)
     grad_norm = float("nan")
     if parts.max_grad_norm > 0:
         parts.scaler.unscale_(parts.optimizer)
@@ -85,8 +111,8 @@ def optimizer_step(parts: StepParts, micro: list[Batch], split: int = 1, log: Ca
     return StepOut(
         loss=float(loss_total) / units,
         units=units,
-        real_tokens=sum(real_tokens(b) for b in micro),
-        padded_tokens=sum(b["input_ids"].numel() for b in micro),
+        real_tokens=real,
+        padded_tokens=padded,
         grad_norm=grad_norm,
         split=split,
         recovered=split != asked,
@@ -95,17 +121,29 @@ def optimizer_step(parts: StepParts, micro: list[Batch], split: int = 1, log: Ca
 
 
 def _accumulate(parts: StepParts, micro: list[Batch], split: int, units: int):
-    """Forward and backward over every piece; returns the detached loss total and figure sums."""
+    """Forward and backward over every piece; returns the detached loss total and figure sums.
+
+    With DDP the loss is multiplied by the world size, since DDP averages the ranks' gradients and the
+    step's gradient is their sum (each rank's loss is already divided by the units of all ranks). A
+    `dummy` piece (a rank's empty share of a short batch) runs with weight 0.
+    """
     loss_total = torch.zeros((), device=parts.precision.device)
     figures: dict[str, torch.Tensor] = {}
-    for batch in micro:
-        for piece in pieces(batch, split):
+    per_unit = max(units, 1)
+    work = [(batch, piece) for batch in micro for piece in pieces(batch, split)]
+    for i, (batch, piece) in enumerate(work):
+        weight = 0.0 if "dummy" in batch else 1.0
+        with no_sync(parts.ddp, skip=i < len(work) - 1):
             with parts.precision.autocast():
-                out = parts.objective.loss_sum(parts.model, piece)
-            parts.scaler.scale(out.loss / units).backward()
-            loss_total += out.loss.detach()
-            for k, v in out.figures.items():
-                figures[k] = figures.get(k, 0) + v
+                if parts.ddp is not None:
+                    loss, piece_figures = parts.ddp(piece)
+                else:
+                    out = parts.objective.loss_sum(parts.model, piece)
+                    loss, piece_figures = out.loss, out.figures
+            parts.scaler.scale(loss / per_unit * (weight * parts.dist.world)).backward()
+        loss_total += weight * loss.detach()
+        for k, v in piece_figures.items():
+            figures[k] = figures.get(k, 0) + weight * v
     return loss_total, figures
 
 
