@@ -133,6 +133,9 @@ class TrainCfg:
     load_best_at_end: bool = _f(False, "the final adapter is the best evaluation's weights (saved when found)")
     report_to: list[Tracker] = _f([], "experiment trackers: tensorboard, mlflow, wandb (each an optional extra)")
     objective: Objective = _f("sft", "sft, or preference tuning: dpo, orpo, simpo, kto (settings in `preference`)")
+    distributed: Literal["ddp", "fsdp"] = _f(
+        "ddp", "with --nproc N: ddp (each process holds the model) or fsdp (weights sharded; QLoRA too)"
+    )
 
 
 @dataclass

@@ -171,8 +171,12 @@ def _save_once(model, tok, target: Path) -> Path:
 # Loading
 
 
-def quantization_config(cfg: ModelCfg, compute_dtype: torch.dtype):
-    """A bitsandbytes config for nf4/fp4/int8, or None for unquantized weights."""
+def quantization_config(cfg: ModelCfg, compute_dtype: torch.dtype, quant_storage: torch.dtype | None = None):
+    """A bitsandbytes config for nf4/fp4/int8, or None for unquantized weights.
+
+    `quant_storage`: the dtype 4-bit weights are packed in (uint8 by default). FSDP shards and gathers
+    all of a layer's weights as one dtype, so sharded QLoRA packs them in the compute dtype.
+    """
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization in ("nf4", "fp4"):
@@ -181,7 +185,7 @@ def quantization_config(cfg: ModelCfg, compute_dtype: torch.dtype):
             bnb_4bit_quant_type=cfg.quantization,
             bnb_4bit_use_double_quant=cfg.double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_quant_storage=quant_storage or torch.uint8,
         )
     if cfg.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -229,12 +233,15 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def load_model(cfg: ModelCfg, precision: Precision, path: str | None = None):
-    """Load the base model (quantized as configured) and its tokenizer. Returns (model, tokenizer)."""
+def load_model(cfg: ModelCfg, precision: Precision, path: str | None = None, quant_storage: torch.dtype | None = None):
+    """Load the base model (quantized as configured) and its tokenizer. Returns (model, tokenizer).
+
+    `quant_storage`: see `quantization_config`.
+    """
     from transformers import AutoModelForCausalLM
 
     path = path or resolve_source(cfg.source)
-    qcfg = quantization_config(cfg, precision.dtype)
+    qcfg = quantization_config(cfg, precision.dtype, quant_storage)
     kwargs: dict[str, Any] = dict(
         dtype=weight_dtype(cfg, precision),
         attn_implementation=cfg.attn_implementation,

@@ -59,46 +59,72 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+RUNS = {  # name: (processes, micro-batch, extra settings)
+    "one": (1, 4, {}),
+    "ddp": (2, 2, {}),
+    "fsdp": (2, 2, {"train.distributed": "fsdp", "train.gradient_checkpointing": True}),
+}
+
+
 @pytest.fixture(scope="module")
-def one_and_two(tiny_model_dir, data, tmp_path_factory):
-    """The same training as one process with micro-batch 4 and as two ranks with micro-batch 2."""
-    root = tmp_path_factory.mktemp("ddp")
-    runs = {}
-    for nproc, micro in ((1, 4), (2, 2)):
-        out = root / f"n{nproc}"
-        done = _train(_args(tiny_model_dir, data, out, nproc, **{"train.micro_batch_size": micro, "lora.dropout": 0}))
+def runs(tiny_model_dir, data, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The same training as one process with micro-batch 4, and as two ranks of micro-batch 2 (DDP, FSDP)."""
+    root = tmp_path_factory.mktemp("ranks")
+    out = {}
+    for name, (nproc, micro, extra) in RUNS.items():
+        run = root / name
+        settings = {"train.micro_batch_size": micro, "lora.dropout": 0} | extra
+        done = _train(_args(tiny_model_dir, data, run, nproc, **settings))
         assert done.returncode == 0, done.stderr[-3000:]
-        runs[nproc] = (out, done)
-    return runs
+        out[name] = (run, done)
+    return out
 
 
-def test_two_ranks_equal_one_process_with_both_ranks_rows(one_and_two):
-    (one, _), (two, _) = one_and_two[1], one_and_two[2]
-    a, b = _records(one), _records(two)
+def _same_training(one: Path, other: Path) -> None:
+    a, b = _records(one), _records(other)
     assert [(r.get("split"), r["step"]) for r in a] == [(r.get("split"), r["step"]) for r in b]
-    assert len([r for r in a if r.get("split") != "val"]) == 8
     for x, y in zip(a, b, strict=True):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x, y)
         assert y["tokens"] == x["tokens"]  # the supervised-token count is all ranks' sum
         if "grad_norm" in x:
             assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
             assert y["real_tokens"] == x["real_tokens"]
-    # the step whose batch had one row for two ranks (21 = 5 x 4 + 1) still counted every token once
-    assert any(r.get("tokens", 0) < 80 for r in a if r.get("split") != "val")
     from safetensors.torch import load_file
 
-    wa, wb = (
-        load_file(one / "adapter" / "adapter_model.safetensors"),
-        load_file(two / "adapter" / "adapter_model.safetensors"),
-    )
+    wa = load_file(one / "adapter" / "adapter_model.safetensors")
+    wb = load_file(other / "adapter" / "adapter_model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-4)  # Adam amplifies float noise
+
+
+@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_process_with_both_ranks_rows(runs, how):
+    one, two = runs["one"][0], runs[how][0]
+    _same_training(one, two)
+    train = [r for r in _records(one) if r.get("split") != "val"]
+    assert len(train) == 8
+    # the step whose batch had one row for two ranks (21 = 5 x 4 + 1) still counted every token once
+    assert any(r["tokens"] < 80 for r in train)
     assert json.loads((two / "adapter" / "lora_tune.json").read_text())["processes"] == 2
+    assert ("FSDP (weights sharded)" in runs[how][1].stdout) == (how == "fsdp")
 
 
-def test_only_rank_zero_writes_and_prints(one_and_two):
-    two, done = one_and_two[2]
+def test_fsdp_qlora_shards_4bit_weights_and_equals_one_process(tiny_model_dir, data, tmp_path):
+    """FSDP-QLoRA: 4-bit weights packed in the compute dtype (fp32 here), sharded over two ranks."""
+    runs = {}
+    for name, (nproc, micro, extra) in {"one": RUNS["one"], "fsdp": RUNS["fsdp"]}.items():
+        settings = {"train.micro_batch_size": micro, "lora.dropout": 0, "model.quantization": "nf4"}
+        settings |= extra | {"train.max_steps": 3, "train.eval_every": 0}
+        done = _train(_args(tiny_model_dir, data, tmp_path / name, nproc, **settings))
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = tmp_path / name
+    _same_training(runs["one"], runs["fsdp"])
+
+
+@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+def test_only_rank_zero_writes_and_prints(runs, how):
+    two, done = runs[how]
     assert sorted(p.name for p in two.iterdir()) == [
         "adapter",
         "checkpoints",
@@ -116,8 +142,8 @@ def test_only_rank_zero_writes_and_prints(one_and_two):
     assert state["world"] == 2 and "rng-rank1.pt" in state["sha256"]
 
 
-def test_a_run_of_two_ranks_resumes_only_on_two(one_and_two, tiny_model_dir, data):
-    two, _ = one_and_two[2]
+def test_a_run_of_two_ranks_resumes_only_on_two(runs, tiny_model_dir, data):
+    two, _ = runs["ddp"]
     # resuming a finished run on one process must refuse before any training: the position means
     # another micro-batch with 2 rows
     done = _train(_args(tiny_model_dir, data, two, 1, "--resume", **{"train.micro_batch_size": 2, "lora.dropout": 0}))
@@ -139,10 +165,12 @@ def _rank_of(pid: int) -> int | None:
     return int(found[0][5:]) if found else None
 
 
-def test_a_killed_rank_stops_the_job_and_resume_continues_it_exactly(tiny_model_dir, data, tmp_path):
+@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+def test_a_killed_rank_stops_the_job_and_resume_continues_it_exactly(tiny_model_dir, data, tmp_path, how):
     """SIGKILL rank 1 after a checkpoint: torchrun ends rank 0 too; --resume on two ranks then gives
-    the uninterrupted run's losses (lora.dropout 0.1: each rank's random state is restored)."""
-    more = {"train.micro_batch_size": 2, "train.max_steps": 24, "train.save_every": 3}
+    the uninterrupted run's losses (lora.dropout 0.1: each rank's random state is restored; FSDP: the
+    optimizer state is saved whole and sharded again)."""
+    more = {"train.micro_batch_size": 2, "train.max_steps": 24, "train.save_every": 3, "train.distributed": how}
     ref = _train(_args(tiny_model_dir, data, tmp_path / "ref", 2, **more))
     assert ref.returncode == 0, ref.stderr[-3000:]
 

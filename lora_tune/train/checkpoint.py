@@ -137,12 +137,16 @@ def save_checkpoint(
     keep_last: int,
     protect: int | None = None,
     rngs: list[bytes] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write `checkpoints/step-N/` (N = `state.step`) atomically, then delete all but the newest `keep_last`
     (and the checkpoint of step `protect`, the best evaluation's).
 
     `rngs` are the random states of every training process in rank order, as `rng_bytes` made them
-    (default: this process's); rank 0's go to `rng.pt`, rank r's to `rng-rank{r}.pt`.
+    (default: this process's); rank 0's go to `rng.pt`, rank r's to `rng-rank{r}.pt`. `weights` and
+    `optimizer_state` are given whole when the model is sharded (FSDP); by default they are read from
+    `model` and `optimizer`.
 
     A failed write (disk full, no permission) removes the half-written folder, leaves every earlier
     checkpoint as it was, and raises an error that says so.
@@ -154,8 +158,8 @@ def save_checkpoint(
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-        model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        model.save_pretrained(tmp, state_dict=weights)  # adapter_model.safetensors + adapter_config.json
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
         for rank, rng in enumerate(rngs):
@@ -203,13 +207,21 @@ def rng_file(rank: int) -> str:
     return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, rank: int = 0, note=print) -> TrainState:
+def load_checkpoint(
+    path: Path, model, optimizer, scheduler, scaler, rank: int = 0, note=print, load_optimizer=None
+) -> TrainState:
     """Restore adapter weights, optimizer, scheduler, scaler and this rank's RNG; return the saved state.
 
     Every rank restores the same weights and optimizer state (rank 0 saved them; DDP keeps them equal).
+    With `load_optimizer` (FSDP: it shards the whole state it is given) the weights are not loaded here:
+    they went into the model before it was sharded.
     """
-    load_adapter_weights(path, model)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+    if load_optimizer is None:
+        load_adapter_weights(path, model)
+        optimizer.load_state_dict(optimizer_state)
+    else:
+        load_optimizer(optimizer_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     rng = path / rng_file(rank)

@@ -166,23 +166,75 @@ def wrap_ddp(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of a (peft-wrapped) causal LM: the units FSDP shards and gathers one by one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(base.get_decoder(), "layers", None)
+    if layers is None:
+        raise LoraTuneError(f"train.distributed=fsdp: no decoder layers found in {type(base).__name__}; use ddp")
+    return list(layers)
+
+
+def wrap_fsdp(root: torch.nn.Module, model: torch.nn.Module, d: Dist, compute: torch.dtype) -> torch.nn.Module:
+    """Shard `root` (the `LossOf` module around `model`) with FSDP2 over all ranks: each decoder layer is one
+    unit, gathered for its forward and backward and freed after; the rest (embeddings, norm, head) is the
+    root's unit, gathered for the whole forward. Frozen and 4-bit base weights are sharded too: that is
+    the memory FSDP saves. Weights are gathered in `compute` dtype (all of a unit's weights share one
+    dtype; 4-bit ones are packed in it, see `models.quantization_config`); gradients reduce in fp32.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    return fully_shard(root, mesh=mesh, mp_policy=policy)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) value gathered whole on every rank; a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable (LoRA) weights by name, whole and on the CPU, gathered from FSDP's shards: a
+    collective, so every rank calls it (the frozen base is never gathered)."""
+    return {n: full_tensor(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def full_optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state of FSDP-sharded parameters, whole, on rank 0 (empty elsewhere); a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(root, optimizer, options=options)
+
+
+def load_full_optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Put a whole optimizer state (`full_optimizer_state`, read from a checkpoint) into this rank's shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(root, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The peft model inside a DDP wrapper (the model itself otherwise): for saving, adapters, generation."""
     return getattr(model, "module", model)
 
 
-def no_sync(model: torch.nn.Module, skip: bool) -> contextlib.AbstractContextManager:
-    """DDP's `no_sync` when `skip` (a backward that must not all-reduce yet), else nothing."""
-    if skip and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return contextlib.nullcontext()
-
-
 @contextlib.contextmanager
-def on_main_first(d: Dist) -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. creating a cache), the others after it is done."""
-    if not d.main:
-        d.barrier()
-    yield
-    if d.main:
-        d.barrier()
+def no_sync(model: torch.nn.Module | None, skip: bool) -> Iterator[None]:
+    """When `skip`, a backward that must not reduce gradients yet: DDP's `no_sync`; FSDP keeps them
+    unsharded and whole until the step's last backward reduce-scatters them (LoRA gradients are small)."""
+    if not skip or model is None:
+        yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        with model.no_sync():
+            yield

@@ -24,7 +24,9 @@ from lora_tune.data.batching import BatchStream
 from lora_tune.progress import StepProgress
 from lora_tune.runtime import evaluating, peak_memory_mb
 from lora_tune.train.checkpoint import rng_bytes, save_checkpoint
+from lora_tune.train.distributed import full_optimizer_state, trainable_state
 from lora_tune.train.metrics import MetricsLog
+from lora_tune.train.objectives import LossSum
 from lora_tune.train.run import Run
 from lora_tune.train.step import StepOut, in_pieces, pieces
 
@@ -180,9 +182,9 @@ def objective_totals(run: Run, batches) -> tuple[float, int, dict[str, float]]:
     return (total / units if units else float("nan")), units, figures
 
 
-def _piece_loss(parts, piece):
+def _piece_loss(parts, piece) -> LossSum:
     with parts.precision.autocast():
-        return parts.objective.loss_sum(parts.model, piece)
+        return LossSum(*parts.loss(piece, training=False))
 
 
 class EarlyStopping(Hook):
@@ -239,11 +241,15 @@ class Checkpointing(Hook):
         """Every rank hands rank 0 its random states; rank 0 writes the checkpoint."""
         p = run.parts
         rngs = p.dist.gather_bytes(rng_bytes())
+        weights = optimizer = None
+        if p.sharded:  # gathered whole from the shards by all ranks, written by rank 0
+            weights = trainable_state(p.model)
+            optimizer = full_optimizer_state(p.wrapped, p.optimizer)
         self.last_saved = run.state.step
         if not p.dist.main:
             return
         args = (run.run_dir, run.state, p.model, p.optimizer, run.scheduler, p.scaler, self.keep_last)
-        save_checkpoint(*args, protect=run.state.best_step, rngs=rngs)
+        save_checkpoint(*args, protect=run.state.best_step, rngs=rngs, weights=weights, optimizer_state=optimizer)
 
 
 class SyncRanks(Hook):

@@ -25,7 +25,7 @@ from lora_tune.errors import LoraTuneError
 from lora_tune.runtime import Precision, peak_memory_mb
 from lora_tune.train import distributed
 from lora_tune.train.checkpoint import checkpoint_dir, load_adapter_weights
-from lora_tune.train.distributed import Dist
+from lora_tune.train.distributed import Dist, trainable_state
 from lora_tune.train.hooks import (
     Checkpointing,
     EarlyStopping,
@@ -134,9 +134,10 @@ def _train(cfg, resume, overwrite, console, task_metric, fit_memory, hooks, dist
     with run_lock(Path(cfg.output_dir), console.print) if dist.main else nullcontext():
         run = setup_run(cfg, records, resume, overwrite, console, dist)
         run.t_start = t_start
-        run.hooks = [*default_hooks(run, task_metric), *hooks] if dist.main else [SyncRanks(), checkpointing(run)]
+        run.hooks = [*default_hooks(run, task_metric), *hooks] if dist.main else other_ranks_hooks(run)
         fit(run)
         adapter_dir = run.run_dir / "adapter"
+        weights = trainable_state(run.parts.model) if run.parts.sharded else None  # all ranks gather
         if dist.main:
             if cfg.train.load_best_at_end:
                 restore_best(run)
@@ -144,7 +145,7 @@ def _train(cfg, resume, overwrite, console, task_metric, fit_memory, hooks, dist
             meta |= {"objective": objective, "started_from": cfg.model.adapter, "processes": dist.world}
             meta["weights_of_step"] = run.state.best_step if cfg.train.load_best_at_end else run.state.step
             meta["config"] = C.to_dict(cfg)
-            save_adapter(run.parts.model, run.tok, adapter_dir, meta)
+            save_adapter(run.parts.model, run.tok, adapter_dir, meta, weights)
         dist.barrier()  # the others return once the adapter is written
         return summarise(run, adapter_dir)
 
@@ -165,6 +166,16 @@ def default_hooks(run: Run, task_metric: TaskMetric | None) -> list[Hook]:
         SyncRanks(),
         checkpointing(run),
     ]
+
+
+def other_ranks_hooks(run: Run) -> list[Hook]:
+    """The hooks of ranks other than 0: none that writes. With sharded weights every evaluation's forward
+    needs all ranks, so they evaluate too (and reach rank 0's verdicts themselves)."""
+    tc, ec = run.cfg.train, run.cfg.eval
+    if not run.parts.sharded:
+        return [SyncRanks(), checkpointing(run)]
+    stopping = EarlyStopping(tc.early_stopping_patience, tc.early_stopping_min_delta, ec.early_stopping_on, ec.metric)
+    return [Evaluation(run.val_stream, tc.eval_every), stopping, SyncRanks(), checkpointing(run)]
 
 
 def checkpointing(run: Run) -> Checkpointing:

@@ -40,9 +40,15 @@ from lora_tune.models import (
 )
 from lora_tune.runtime import choose_device, choose_precision
 from lora_tune.train import reference
-from lora_tune.train.checkpoint import latest_checkpoint, latest_good_checkpoint, load_checkpoint, read_state
+from lora_tune.train.checkpoint import (
+    latest_checkpoint,
+    latest_good_checkpoint,
+    load_adapter_weights,
+    load_checkpoint,
+    read_state,
+)
 from lora_tune.train.compile import choose_compile, compile_layers
-from lora_tune.train.distributed import Dist, wrap_ddp
+from lora_tune.train.distributed import Dist, load_full_optimizer_state, wrap_ddp, wrap_fsdp
 from lora_tune.train.metrics import MetricsLog
 from lora_tune.train.objectives import build_objective
 from lora_tune.train.optim import build_optimizer, build_scheduler
@@ -149,7 +155,8 @@ def setup_run(
 
     set_seed(tc.seed)
     source_path = resolve_source(cfg.model.source, log=console.print)
-    model, tok = load_model(cfg.model, precision, source_path)
+    sharded = dist.enabled and tc.distributed == "fsdp"
+    model, tok = load_model(cfg.model, precision, source_path, quant_storage=precision.dtype if sharded else None)
     if cfg.model.adapter and (Path(cfg.model.adapter) / "tokenizer_config.json").is_file():
         tok = load_tokenizer(cfg.model.adapter, cfg.model)  # with the chat template the adapter was trained on
     template = resolve_chat_template(tok, cfg.data.chat_template)
@@ -176,16 +183,21 @@ def setup_run(
     model = _adapt(model, cfg, console)
     if getattr(objective, "needs_reference", False):
         _reference(cfg, model, tok, precision, source_path, train_ex, all_val, ckpt is not None, console)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, tc)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
-    parts = StepParts(model, objective, optimizer, scaler, params, precision, tc.max_grad_norm, dist)
+    wrapped = None
     if dist.enabled:
-        parts.ddp = wrap_ddp(LossOf(model, objective), dist)
+        if sharded and ckpt is not None:
+            load_adapter_weights(ckpt, model)  # whole, before FSDP shards it (the optimizer state follows later)
+        root = LossOf(model, objective)
+        wrapped = wrap_fsdp(root, model, dist, precision.dtype) if sharded else wrap_ddp(root, dist)
         if dist.rank:  # dropout masks differ between ranks (rank 0 draws what a single process would)
             torch.manual_seed(tc.seed + 1_000_003 * dist.rank)
+        how = "FSDP (weights sharded)" if sharded else "DDP"
         total = tc.micro_batch_size * dist.world
-        console.print(f"distributed: DDP over {dist.world} processes, {total} rows per micro-batch in all")
+        console.print(f"distributed: {how} over {dist.world} processes, {total} rows per micro-batch in all")
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP replaces them
+    optimizer = build_optimizer(params, tc)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+    parts = StepParts(model, objective, optimizer, scaler, params, precision, tc.max_grad_norm, dist, wrapped, sharded)
     collate_fn = collate_prefs if preference else collate
     rows = tc.micro_batch_size * dist.world  # a micro-batch of all ranks together
     batching = choose_batching(train_ex, rows, tc.seed, cfg.data.packing, cfg.data.group_by_length, not preference)
@@ -211,7 +223,7 @@ def setup_run(
         collate_fn=collate_fn,
     )
     scheduler = build_scheduler(optimizer, tc, total_steps)
-    compiling = choose_compile(tc.compile, device, total_steps)
+    compiling = choose_compile(False if sharded else tc.compile, device, total_steps)
     if compiling.on:
         compile_layers(model)
     console.print(f"compile: {compiling.reason}", highlight=False)
@@ -255,6 +267,29 @@ def check_distributed(cfg: C.RunCfg, dist: Dist, saved: TrainState | None) -> No
         )
     if cfg.train.auto_fit:
         raise LoraTuneError("train.auto_fit plans one process; with --nproc set micro_batch_size and grad_accum")
+    if cfg.train.distributed == "fsdp":
+        check_fsdp(cfg)
+
+
+def check_fsdp(cfg: C.RunCfg) -> None:
+    """What sharded training does not do (yet), each with the way out; all problems at once."""
+    tc, problems = cfg.train, []
+    if cfg.eval.metric != "none":
+        problems.append("eval.metric generates text, which needs the whole model on one process: set eval.metric=none")
+    if tc.load_best_at_end:
+        problems.append("train.load_best_at_end reloads weights into sharded layers: set it to false")
+    if tc.objective == "kto":
+        problems.append("kto's KL estimate runs outside the sharded forward: use ddp for kto")
+    if cfg.model.quantization == "int8":
+        problems.append("8-bit weights cannot be sharded: use nf4 (FSDP-QLoRA) or a 16-bit base")
+    if tc.optimizer != "adamw":
+        problems.append(f"train.optimizer={tc.optimizer} keeps its own state layout: use adamw (FSDP shards it)")
+    if tc.precision == "fp16":
+        problems.append("fp16's GradScaler does not see sharded gradients here: use train.precision=bf16")
+    if tc.compile is True:
+        problems.append("train.compile with FSDP is not supported here: set train.compile=false")
+    if problems:
+        raise LoraTuneError("train.distributed=fsdp: " + "; ".join(problems))
 
 
 def _adapt(model, cfg: C.RunCfg, console: Console):
@@ -333,7 +368,9 @@ def _start_or_restore(run: Run, ckpt: Path | None) -> None:
                 log.path.unlink()
         return
     p = run.parts
-    run.state = load_checkpoint(ckpt, p.model, p.optimizer, run.scheduler, p.scaler, p.dist.rank, run.note)
+    sharded_optimizer = (lambda state: load_full_optimizer_state(p.wrapped, p.optimizer, state)) if p.sharded else None
+    args = (ckpt, p.model, p.optimizer, run.scheduler, p.scaler, p.dist.rank, run.note, sharded_optimizer)
+    run.state = load_checkpoint(*args)
     run.state.world = p.dist.world
     run.resumed_from = run.state.step
     run.stop_reason = run.state.stopped  # an early-stopped run stays stopped
@@ -366,11 +403,13 @@ def _reset_best_if_its_unit_changed(run: Run) -> None:
         )
 
 
-def save_adapter(model, tok, out: Path, meta: dict) -> Path:
-    """Write the final adapter folder atomically: weights, config, tokenizer (with its chat template)."""
+def save_adapter(model, tok, out: Path, meta: dict, weights: dict | None = None) -> Path:
+    """Write the final adapter folder atomically: weights, config, tokenizer (with its chat template).
+
+    `weights`: the trainable weights whole, when the model is sharded (`distributed.trainable_state`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)
     tok.save_pretrained(tmp)
     (tmp / "lora_tune.json").write_text(json.dumps(meta, indent=2))
     return replace_dir(tmp, out)

@@ -18,7 +18,7 @@ import torch
 from lora_tune.errors import LoraTuneError
 from lora_tune.losses import real_tokens
 from lora_tune.runtime import Precision
-from lora_tune.train.distributed import Dist, no_sync
+from lora_tune.train.distributed import Dist, full_tensor, no_sync
 from lora_tune.train.objectives import Batch, Objective
 
 T = TypeVar("T")
@@ -36,7 +36,16 @@ class StepParts:
     precision: Precision
     max_grad_norm: float = 1.0  # 0 disables clipping
     dist: Dist = field(default_factory=Dist)  # this process among the training processes
-    ddp: torch.nn.Module | None = None  # with several processes: DDP around `LossOf(model, objective)`
+    wrapped: torch.nn.Module | None = None  # with several processes: DDP or FSDP around `LossOf(model, objective)`
+    sharded: bool = False  # FSDP: the weights are sharded, so every forward goes through `wrapped` on all ranks
+
+    def loss(self, piece: Batch, training: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective's (loss sum, figure sums) of `piece`: through DDP in training (so its backward
+        all-reduces), through FSDP always (it gathers the weights), else on the model itself."""
+        if self.wrapped is not None and (training or self.sharded):
+            return self.wrapped(piece)
+        out = self.objective.loss_sum(self.model, piece)
+        return out.loss, out.figures
 
 
 class LossOf(torch.nn.Module):
@@ -98,7 +107,7 @@ def optimizer_step(parts: StepParts, micro: list[Batch], split: int = 1, log: Ca
     grad_norm = float("nan")
     if parts.max_grad_norm > 0:
         parts.scaler.unscale_(parts.optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(parts.params, parts.max_grad_norm))
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(parts.params, parts.max_grad_norm)))
     try:
         parts.scaler.step(parts.optimizer)  # the first step allocates the optimizer states
     except torch.OutOfMemoryError:
@@ -133,13 +142,9 @@ def _accumulate(parts: StepParts, micro: list[Batch], split: int, units: int):
     work = [(batch, piece) for batch in micro for piece in pieces(batch, split)]
     for i, (batch, piece) in enumerate(work):
         weight = 0.0 if "dummy" in batch else 1.0
-        with no_sync(parts.ddp, skip=i < len(work) - 1):
+        with no_sync(parts.wrapped, skip=i < len(work) - 1):
             with parts.precision.autocast():
-                if parts.ddp is not None:
-                    loss, piece_figures = parts.ddp(piece)
-                else:
-                    out = parts.objective.loss_sum(parts.model, piece)
-                    loss, piece_figures = out.loss, out.figures
+                loss, piece_figures = parts.loss(piece)
             parts.scaler.scale(loss / per_unit * (weight * parts.dist.world)).backward()
         loss_total += weight * loss.detach()
         for k, v in piece_figures.items():
