@@ -491,7 +491,14 @@ def export_gguf_cmd(merged_dir, out, qtype, no_verify) -> None:
     type=click.Choice(["cuda", "cpu"]),
     help="cuda adds the CUDA context overhead",
 )
-def plan(config: str, overrides: tuple[str, ...], gpu_memory: str | None, device: str) -> None:
+@click.option(
+    "--gpus",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="per-GPU memory when training on this many (train.distributed: ddp or fsdp)",
+)
+def plan(config: str, overrides: tuple[str, ...], gpu_memory: str | None, device: str, gpus: int) -> None:
     """Predict peak training memory from config.json alone (no weights), and fit a budget."""
     from rich.console import Console
 
@@ -502,7 +509,7 @@ def plan(config: str, overrides: tuple[str, ...], gpu_memory: str | None, device
     try:
         cfg = load_config(config, overrides)
         shape = ModelShape.from_config(load_model_config(cfg.model.source))
-        result = estimate(shape, cfg, device)
+        result = estimate(shape, cfg, device, gpus=gpus)
         budget = parse_size(gpu_memory) if gpu_memory else None
     except LoraTuneError as e:
         _fail(e)
@@ -511,6 +518,10 @@ def plan(config: str, overrides: tuple[str, ...], gpu_memory: str | None, device
         return
     if gpu_memory.strip().replace(".", "", 1).isdigit():
         console.print(f"(--gpu-memory {gpu_memory} read as {gpu_memory} GiB)")
+    if gpus > 1:  # auto-fit plans one process (train.auto_fit is refused with --nproc)
+        verdict = "[green]fits[/]" if result.total <= budget else "[red]does not fit[/]"
+        console.print(f"{verdict} in {budget / GIB:.2f} GiB per GPU ({gpus} GPUs, {cfg.train.distributed})")
+        return
     if result.total <= budget:
         console.print(
             f"[green]fits[/] in {budget / GIB:.2f} GiB: {(budget - result.total) / GIB:.2f} GiB of headroom; "
@@ -537,10 +548,11 @@ def _plan_table(console, cfg, result) -> None:
 
     from lora_tune.bench.plan import GIB
 
+    gpus = f", per GPU of {result.gpus} ({cfg.train.distributed})" if result.gpus > 1 else ""
     table = Table(
         title=f"{cfg.model.source}: {cfg.model.quantization}, LoRA r={cfg.lora.r}, micro-batch "
         f"{result.micro_batch_size} x {result.max_length} tokens, checkpointing "
-        f"{'on' if result.gradient_checkpointing else 'off'}"
+        f"{'on' if result.gradient_checkpointing else 'off'}{gpus}"
     )
     table.add_column("part")
     table.add_column("GiB", justify="right")

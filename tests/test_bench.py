@@ -363,3 +363,28 @@ def test_nothing_fits_never_suggests_4bit_to_a_4bit_config(tiny_model_dir):
         with pytest.raises(LoraTuneError, match="nothing fits") as e:
             auto_fit(shape, cfg, 1024)
         assert ("4-bit" in str(e.value)) == hint
+
+
+def test_planner_per_gpu_for_ddp_and_fsdp():
+    shape = ModelShape.from_config(LLAMA_8B)
+    common = ["data.train_file=x", "model.quantization=nf4", "data.max_length=1024", "train.micro_batch_size=2"]
+    one = estimate(shape, load_config(None, common))
+    ddp = estimate(shape, load_config(None, [*common, "train.distributed=ddp"]), gpus=2)
+    # DDP: the whole model on each GPU, plus a second fp32 copy of the LoRA gradients and NCCL's buffers
+    # LoRA weights, gradients and two AdamW states are 16 bytes a parameter; the buckets 4 more
+    assert ddp.parts["DDP gradient buckets"] == pytest.approx(one.parts["LoRA weights + grads + optimizer"] / 4)
+    assert ddp.total == pytest.approx(one.total + ddp.parts["DDP gradient buckets"] + ddp.parts["NCCL buffers"])
+    assert ddp.gpus == 2
+    fsdp = {n: estimate(shape, load_config(None, [*common, "train.distributed=fsdp"]), gpus=n) for n in (2, 4)}
+    two, four = fsdp[2].parts, fsdp[4].parts
+    shard = "base weights (linear layers), 1/N shard"
+    assert two[shard] == pytest.approx(2 * four[shard])  # 1/N of the 4-bit weights
+    constants = two["4-bit quantization constants (not sharded)"]
+    assert constants == four["4-bit quantization constants (not sharded)"] > 0
+    # the shards and the constants add up to the one-GPU 4-bit weights; packed, NF4 is half a byte a weight
+    assert 2 * two[shard] + constants == pytest.approx(one.parts["base weights (linear layers)"])
+    assert 2 * two[shard] == pytest.approx(shape.linear_params() / 2, rel=1e-6)
+    for same in ("activations", "logits + loss"):
+        assert two[same] == one.parts[same]
+    assert fsdp[4].total < fsdp[2].total < ddp.total
+    assert "DDP gradient buckets" not in two

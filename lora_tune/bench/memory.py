@@ -43,8 +43,13 @@ def static_bytes(model, optimizer) -> int:
     return _tensor_bytes(tensors)
 
 
-def measure_step(cfg: RunCfg, device: str = "cpu") -> dict[str, float]:
-    """Peak bytes of one optimizer step of `cfg` on batches of `max_length`-token samples, all supervised."""
+def measure_step(cfg: RunCfg, device: str = "cpu", shape: dict | None = None) -> dict[str, float]:
+    """Peak bytes of one optimizer step of `cfg` on batches of `max_length`-token samples, all supervised.
+
+    `shape`: a config.json (as a dict) to build a random-weight model from in memory (`bench.shapes`)
+    instead of loading `cfg.model.source`.
+    """
+    from lora_tune.bench.shapes import random_model
     from lora_tune.models import attach_lora, load_model, prepare_for_training, resolve_source
     from lora_tune.runtime import choose_device, choose_precision
     from lora_tune.train.objectives import SFT
@@ -54,7 +59,10 @@ def measure_step(cfg: RunCfg, device: str = "cpu") -> dict[str, float]:
     dev = choose_device(device)
     weight = cfg.model.quantization if cfg.model.quantization in ("bf16", "fp16") else None
     precision = choose_precision(cfg.train.precision, dev, weight)
-    model, tok = load_model(cfg.model, precision, resolve_source(cfg.model.source, log=lambda *_: None))
+    if shape is not None:
+        model = random_model(shape, cfg.model.quantization, precision, cfg.model.double_quant)
+    else:
+        model, _ = load_model(cfg.model, precision, resolve_source(cfg.model.source, log=lambda *_: None))
     prepare_for_training(model, cfg.train.gradient_checkpointing)
     model = attach_lora(model, cfg.lora)
     model.train()  # from_pretrained returns eval mode, where checkpointing (and dropout) are off

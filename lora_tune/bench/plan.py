@@ -15,6 +15,15 @@ The estimate is a sum of parts, each from a simple model of what the training st
   and the two fp32 gradients around it.
 - dequantization scratch: one 16-bit copy of the largest quantized matrix (4-bit matmul de-quantizes).
 - runtime overhead: CUDA context and allocator slack on a GPU (a constant), nothing on the CPU.
+
+With `gpus` N > 1 the estimate is per GPU, for `train.distributed` (micro_batch_size is per GPU):
+- ddp: every GPU holds the whole model and its own micro-batch, plus DDP's gradient buckets (a second
+  fp32 copy of the LoRA gradients) and NCCL's buffers;
+- fsdp: each GPU keeps 1/N of every weight (the 4-bit quantization constants are module attributes
+  that FSDP does not shard: they stay whole); in forward and backward two decoder layers are gathered
+  whole (the one computing and the one prefetched) and the root unit (embeddings, head, norms) stays
+  gathered for the whole step; LoRA weights, gradients and AdamW states are sharded too. Activations
+  and logits are per micro-batch, as on one GPU.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from lora_tune.errors import LoraTuneError
 GIB = 2**30
 WEIGHT_BYTES = {"nf4": None, "fp4": None, "int8": 1.0, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0}
 CUDA_OVERHEAD = 0.6 * GIB  # CUDA context + cuBLAS workspace + allocator slack, seen on recent GPUs
+NCCL_BUFFERS = 0.25 * GIB  # NCCL's communicator buffers per GPU (an allowance by its defaults, not measured here)
 
 
 def linear_tensor_bytes(n_in: int, n_out: int, quantization: str, double_quant: bool = True) -> int:
@@ -116,6 +126,7 @@ class Plan:
     gradient_checkpointing: bool
     device: str
     notes: list[str] = field(default_factory=list)
+    gpus: int = 1  # the estimate is per GPU of this many
 
     @property
     def total(self) -> float:
@@ -141,8 +152,11 @@ def load_model_config(source: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def estimate(shape: ModelShape, cfg: RunCfg, device: str = "cuda", supervised_fraction: float = 1.0) -> Plan:
-    """Peak training memory of `cfg` on `shape` (worst case: every sample `max_length` tokens long)."""
+def estimate(
+    shape: ModelShape, cfg: RunCfg, device: str = "cuda", supervised_fraction: float = 1.0, gpus: int = 1
+) -> Plan:
+    """Peak training memory of `cfg` on `shape` (worst case: every sample `max_length` tokens long), per
+    GPU when training on `gpus` of them (see the module docstring)."""
     m, lo, t = cfg.model, cfg.lora, cfg.train
     act_bytes = 4.0 if t.precision == "fp32" or (m.quantization == "fp32" and device == "cpu") else 2.0
     q = m.quantization
@@ -180,7 +194,39 @@ def estimate(shape: ModelShape, cfg: RunCfg, device: str = "cuda", supervised_fr
         parts["de-quantization scratch"] = max(a * b for a, b in linears.values()) * act_bytes * 2
     if device == "cuda":
         parts["CUDA context + allocator slack"] = CUDA_OVERHEAD
-    return Plan(parts, t.micro_batch_size, t.grad_accum, cfg.data.max_length, t.gradient_checkpointing, device)
+    if gpus > 1:
+        distribute(parts, shape, cfg, gpus, lora_params, per_layer)
+    plan = Plan(parts, t.micro_batch_size, t.grad_accum, cfg.data.max_length, t.gradient_checkpointing, device)
+    plan.gpus = gpus
+    return plan
+
+
+def distribute(parts: dict[str, float], shape: ModelShape, cfg: RunCfg, gpus: int, lora_params: int, layer: int):
+    """Turn the one-GPU `parts` into one GPU's share of training on `gpus` (DDP or FSDP), in place."""
+    if cfg.train.distributed == "ddp":
+        parts["DDP gradient buckets"] = lora_params * 4.0
+        parts["NCCL buffers"] = NCCL_BUFFERS
+        return
+    constants = 0.0
+    if cfg.model.quantization in ("nf4", "fp4"):  # absmax etc. live in the modules' quant_state: not sharded
+        n = sum(a * b for a, b in shape.linears().values())
+        constants = float(shape.layers * (layer - math.ceil(n / 2)))
+    linear, root = parts["base weights (linear layers)"], parts["embeddings, LM head, norms"]
+    sharded = {
+        "base weights (linear layers)": {
+            "base weights (linear layers), 1/N shard": (linear - constants) / gpus,
+            "4-bit quantization constants (not sharded)": constants,
+            "two decoder layers gathered (computing + prefetched)": 2.0 * (layer - constants / shape.layers),
+        },
+        "embeddings, LM head, norms": {"embeddings, LM head, norms: shard + gathered for the step": root / gpus + root},
+        "LoRA weights + grads + optimizer": {
+            "LoRA weights + grads + optimizer, 1/N shard": parts["LoRA weights + grads + optimizer"] / gpus
+        },
+    }
+    items = [(k, v) for name, value in parts.items() for k, v in sharded.get(name, {name: value}).items() if v]
+    parts.clear()
+    parts.update(items)
+    parts["NCCL buffers"] = NCCL_BUFFERS
 
 
 def auto_fit(shape: ModelShape, cfg: RunCfg, budget: float, device: str = "cuda") -> tuple[RunCfg, Plan]:
