@@ -26,9 +26,8 @@ from pathlib import Path
 
 from lora_tune.allocator import active as active_allocator
 from lora_tune.bench.compare import hardware, versions
-from lora_tune.bench.worker import rss_mb, trl_run_args
+from lora_tune.bench.worker import measured_peak_mb, rss_mb, trl_run_args
 from lora_tune.data.pairs import prompt_budget
-from lora_tune.runtime import peak_memory_mb
 
 # metrics.jsonl / TRL log keys that are bookkeeping, not the objective's own figures
 _BOOKKEEPING = {"step", "lr", "learning_rate", "time", "epoch", "memory_mb", "grad_norm", "split", "tokens_per_s"}
@@ -103,14 +102,6 @@ def timed_figures(ends: list[float], pairs: list[float], real: list[float], padd
         "tokens_per_s": n_real / seconds,
         "padding_share": 1 - n_real / n_padded if n_padded else 0.0,
     }
-
-
-def measured_peak_mb(base_rss: float) -> float:
-    """CUDA: max allocated; CPU: peak RSS above the RSS after imports."""
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return peak_memory_mb(device) - (base_rss if device.type == "cpu" else 0.0)
 
 
 def heldout_accuracy(model: str, adapter_dir: str, quantization: str, test_file: str, max_length: int) -> float:

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from lora_tune.allocator import active as active_allocator
-from lora_tune.runtime import peak_rss_mb
+from lora_tune.runtime import peak_memory_mb
 
 
 @dataclass
@@ -47,6 +47,14 @@ class Spec:
     cpu_kind: str = "native"  # native | avx2: torch's CPU kernels limited to AVX2 (see compare.CPU_KINDS)
     data: str = "chats"  # the bench data's shape (bench.data.SHAPES), for the record
     compile: bool | str = "auto"  # ours' train.compile (TRL runs at its default, uncompiled)
+
+
+def measured_peak_mb(base_rss: float) -> float:
+    """CUDA: max allocated; CPU: peak RSS above the RSS after imports."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return peak_memory_mb(device) - (base_rss if device.type == "cpu" else 0.0)
 
 
 def trl_run_args(spec) -> dict:
@@ -136,7 +144,7 @@ def run_ours(spec: Spec, base_rss: float) -> dict:
         + rows[0]["real_tokens"] / rows[0]["tokens_per_s"],
         "val_loss": vals[-1] if vals else None,
         "train_losses": [r["loss"] for r in rows],
-        "peak_mb": peak_rss_mb() - base_rss,
+        "peak_mb": measured_peak_mb(base_rss),
     }
 
 
@@ -243,7 +251,7 @@ def run_trl(spec: Spec, base_rss: float) -> dict:
         "steps": len(stamps) - w,
         "val_loss": val,
         "train_losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-        "peak_mb": peak_rss_mb() - base_rss,
+        "peak_mb": measured_peak_mb(base_rss),
     }
 
 
