@@ -147,9 +147,28 @@ def cli_process(args: list[str], **env: str):
     )
 
 
+# the test files that take longest, longest first: `make test` hands whole files to its workers in
+# collection order, so starting these first keeps one worker from finishing a long file alone at the end
+LONGEST_FIRST = (
+    "test_e2e_smollm2.py",
+    "test_distributed.py",
+    "test_serve_jobs.py",
+    "test_serve_smollm2.py",
+    "test_faults.py",
+    "test_train.py",
+    "test_preference.py",
+    "test_compile.py",
+    "test_recipes.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
-    """`@pytest.mark.cuda` tests need a GPU: skipped where torch sees none (CI, this project's machines)."""
+    """Longest files first (see LONGEST_FIRST); `@pytest.mark.cuda` tests need a GPU: skipped where torch
+    sees none (CI, this project's machines)."""
     import torch
+
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
     if torch.cuda.is_available():
         return
