@@ -74,7 +74,7 @@ def _records(run: Path) -> list[dict]:
 
 RUNS = {  # name: (processes, micro-batch, extra settings)
     "one": (1, 4, {}),
-    "ddp": (2, 2, {}),
+    "ddp": (2, 2, {"train.gradient_checkpointing": True}),
     "fsdp": (2, 2, {"train.distributed": "fsdp", "train.gradient_checkpointing": True}),
 }
 
