@@ -144,6 +144,7 @@ def test_only_rank_zero_writes_and_prints(runs, how):
         "config.yaml",
         "loss.png",
         "metrics.jsonl",
+        "status.json",
     ]
     steps = [r["step"] for r in _records(two) if r.get("split") != "val"]
     assert steps == list(range(1, 9))  # one record per step: a second writer would double them
@@ -162,7 +163,7 @@ def test_a_run_of_two_ranks_resumes_only_on_two(runs, tiny_model_dir, data):
     from lora_tune.config import load_config
     from lora_tune.train.loop import train
 
-    args = _args(tiny_model_dir, data, two, 1, **{"train.micro_batch_size": 2, "lora.dropout": 0})
+    args = _args(tiny_model_dir, data, two, 1, **{"train.micro_batch_size": 2, "lora.dropout": 0, **RUNS["ddp"][2]})
     with pytest.raises(LoraTuneError, match=r"trained on 2 process\(es\), now 1.*--nproc 2"):
         train(load_config(args[1], args[2:]), resume=True, console=Console(quiet=True))
 
