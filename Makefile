@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint setup clean browser
 
 setup: $(STAMP)
 
@@ -28,8 +28,19 @@ demo: $(STAMP)
 	$(VENV)/bin/lora-tune demo
 
 # tests run in one worker per core, each test file in one worker (many wait on servers and child processes)
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q -n auto --dist loadfile
+
+# the dashboard's browser tests drive Debian's chromium through chromium-driver: installed here when
+# missing and possible (root with apt-get); without them those tests are skipped and say why
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing chromium and chromium-driver for the dashboard's browser tests"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+				chromium chromium-driver) >/dev/null || echo "could not install chromium: browser tests will be skipped"; \
+		else echo "no chromium here: the browser tests will be skipped (apt-get install chromium chromium-driver)"; fi; \
+	fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lora_tune tests benchmarks

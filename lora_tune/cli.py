@@ -802,6 +802,12 @@ def bench(out, reps, steps, warmup, only, kinds, quality, seeds, tasks, ablate) 
     "[default: ~/.local/share/lora_tune/service]",
 )
 @click.option("--no-jobs", is_flag=True, help="serve models only: no /v1/files or /v1/fine_tuning routes")
+@click.option(
+    "--runs-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="a folder of run folders to show on the dashboard at /dashboard (read only)",
+)
 def serve(
     model_source,
     adapter_items,
@@ -820,6 +826,7 @@ def serve(
     default_max_tokens,
     data_dir,
     no_jobs,
+    runs_dir,
 ) -> None:
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) for a base model
     and many adapters at once, batched and streaming, with OpenAI's fine-tuning API (/v1/files,
@@ -854,6 +861,7 @@ def serve(
                 default_max_tokens=default_max_tokens,
             ),
             data_dir=None if no_jobs else Path(data_dir or DEFAULT_DATA_DIR).expanduser(),
+            runs_dir=Path(runs_dir).expanduser() if runs_dir else None,
         )
         run_server(opts, log=lambda s: click.echo(s, err=True))
     except LoraTuneError as e:

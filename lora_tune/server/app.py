@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 
 from lora_tune.evaluate.generate import stop_ids
 from lora_tune.server.adapters import AdapterSet
+from lora_tune.server.dashboard.routes import is_open as dashboard_page
 from lora_tune.server.decode import RowSampling, TextTracker
 from lora_tune.server.inference import Engine, Failed, Finished, Job, Piece, QueueFull
 from lora_tune.server.protocol import (
@@ -54,9 +55,9 @@ class Limits:
     default_max_tokens: int = 512  # when a request gives no max_tokens (always capped by the context)
 
 
-def create_app(engine: Engine, adapters: AdapterSet, limits: Limits, context: int, jobs=None):
+def create_app(engine: Engine, adapters: AdapterSet, limits: Limits, context: int, jobs=None, runs=None):
     """The FastAPI app over a started (or soon started) engine; `context` is the base's context length.
-    With a `JobService`, the files and fine-tuning jobs routes too."""
+    With a `JobService`, the files and fine-tuning jobs routes too; with a `RunsFolder`, the dashboard."""
     app = FastAPI(title="lora-tune serve", docs_url=None, redoc_url=None, openapi_url=None)
     started = int(time.time())
 
@@ -171,6 +172,10 @@ def create_app(engine: Engine, adapters: AdapterSet, limits: Limits, context: in
         from lora_tune.server.jobs_api import add_job_routes
 
         add_job_routes(app, jobs, _json)
+    if runs is not None:
+        from lora_tune.server.dashboard.routes import add_dashboard_routes
+
+        add_dashboard_routes(app, runs)
     return app
 
 
@@ -270,7 +275,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"] not in OPEN_PATHS:
+        if self.api_key and not (scope["path"] in OPEN_PATHS or dashboard_page(scope["path"])):
             given = headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):

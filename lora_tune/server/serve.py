@@ -36,6 +36,7 @@ class ServeOptions:
     max_queue: int = 64
     limits: Limits = field(default_factory=Limits)
     data_dir: Path | None = None  # the fine-tuning service's files, jobs and runs (None: no jobs API)
+    runs_dir: Path | None = None  # run folders for the dashboard at /dashboard (None: no dashboard)
 
 
 def _first_meta(opts: ServeOptions) -> dict:
@@ -134,14 +135,24 @@ def serve(opts: ServeOptions, log=print) -> None:
         )
         adapters.extra = jobs.served_models
         log(f"fine-tuning jobs: state in {opts.data_dir}")
+    runs = None
+    if opts.runs_dir is not None:
+        from lora_tune.server.dashboard.runs import RunsFolder
+
+        if not opts.runs_dir.is_dir():
+            raise LoraTuneError(f"--runs-dir {opts.runs_dir} is not a folder; point it at the folder of your runs")
+        runs = RunsFolder(opts.runs_dir)
     engine = Engine(adapters, opts.max_batch, opts.max_queue)
-    app = Guard(create_app(engine, adapters, opts.limits, context, jobs), opts.limits)
+    app = Guard(create_app(engine, adapters, opts.limits, context, jobs, runs), opts.limits)
     host, port = sock.getsockname()[:2]
     if not is_loopback(opts.host) and not opts.limits.api_key:
         log(f"warning: listening on {opts.host} without --api-key: anyone who can reach this machine can use it")
     names = ", ".join([adapters.base_id, *adapters.known()])
     log(f"models: {names}")
-    log(f"listening on http://{host if family == socket.AF_INET else f'[{host}]'}:{port}/v1  (Ctrl-C stops)")
+    where = f"http://{host if family == socket.AF_INET else f'[{host}]'}:{port}"
+    if runs is not None:
+        log(f"dashboard: {where}/dashboard (runs in {opts.runs_dir})")
+    log(f"listening on {where}/v1  (Ctrl-C stops)")
     engine.start()
     if jobs is not None:
         jobs.start()

@@ -13,13 +13,18 @@ ends the loop after the current step (early stopping is its only caller).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from lora_tune.atomic import atomic_write_text
 from lora_tune.data.batching import BatchStream
 from lora_tune.progress import StepProgress
 from lora_tune.runtime import evaluating, peak_memory_mb
@@ -64,6 +69,31 @@ class MetricsFile(Hook):
 
     def on_log(self, run: Run, record: Record) -> None:
         self.log.write(record)
+
+
+class RunStatus(Hook):
+    """Keeps `status.json` in the run folder: running (with the total steps and pid), then finished,
+    stopped early, failed (with the error) or interrupted, for whoever watches the folder (the dashboard).
+    A run killed outright leaves "running" behind with a dead pid: that reads as interrupted."""
+
+    def on_start(self, run: Run) -> None:
+        self.write(run, "running")
+
+    def on_end(self, run: Run) -> None:
+        self.write(run, "stopped early" if run.stop_reason else "finished", reason=run.stop_reason)
+
+    def on_fail(self, run: Run) -> None:
+        failure = sys.exc_info()[1]
+        if isinstance(failure, KeyboardInterrupt):
+            self.write(run, "interrupted")
+        else:
+            self.write(run, "failed", error=f"{type(failure).__name__}: {failure}"[:2000] if failure else None)
+
+    def write(self, run: Run, status: str, **extra: Any) -> None:
+        record = {"status": status, "step": run.state.step, "total_steps": run.total_steps, "pid": os.getpid()}
+        record |= {"time": time.time(), **{k: v for k, v in extra.items() if v is not None}}
+        with contextlib.suppress(OSError):  # a full disk must not turn a finished run into a failed one
+            atomic_write_text(run.run_dir / "status.json", json.dumps(record))
 
 
 class Progress(Hook):

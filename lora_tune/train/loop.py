@@ -33,6 +33,7 @@ from lora_tune.train.hooks import (
     Hook,
     MetricsFile,
     Progress,
+    RunStatus,
     SyncRanks,
     train_record,
 )
@@ -151,13 +152,14 @@ def _train(cfg, resume, overwrite, console, task_metric, fit_memory, hooks, dist
 
 
 def default_hooks(run: Run, task_metric: TaskMetric | None) -> list[Hook]:
-    """Rank 0's, in the order they run (see `fit`): log, trackers, progress, evaluation, early stopping,
-    the other ranks' sync, checkpoints. The other ranks run only the last two (and no hooks of the caller)."""
+    """Rank 0's, in the order they run (see `fit`): status file, log, trackers, progress, evaluation, early
+    stopping, the other ranks' sync, checkpoints. The other ranks run only the last two (and no hooks of the caller)."""
     tc, ec = run.cfg.train, run.cfg.eval
     metric_fn = None
     if task_metric is not None and ec.metric != "none" and run.val_records:
         metric_fn = lambda model: task_metric(model, run.tok, run.parts.precision, run.val_records)  # noqa: E731
     return [
+        RunStatus(),
         MetricsFile(MetricsLog(run.metrics_path)),
         *tracker_hooks(run.cfg, full_validation=ec.max_samples is None),
         Progress(tc.log_every, ec.metric),
