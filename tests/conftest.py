@@ -158,6 +158,7 @@ LONGEST_FIRST = (
     "test_train.py",
     "test_preference.py",
     "test_compile.py",
+    "test_dashboard.py",
     "test_recipes.py",
 )
 
