@@ -83,6 +83,10 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, overwrite: bool
         run(cfg, resume=resume, overwrite=overwrite)
     except LoraTuneError as e:
         _fail(e)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one rank of several: done, without teardown
+        from lora_tune.train.distributed import leave
+
+        leave(0)
 
 
 def _launch(cfg, nproc: int, args: list[str], overwrite: bool) -> None:
