@@ -68,7 +68,7 @@ def _quiet_known_noise() -> None:
     default=1,
     show_default=True,
     type=click.IntRange(min=1),
-    help="train on this many processes (one per GPU; DDP) through torchrun",
+    help="train on this many processes through torchrun, one per GPU (DDP; FSDP with train.distributed=fsdp)",
 )
 def train(config: str, overrides: tuple[str, ...], resume: bool, overwrite: bool, nproc: int) -> None:
     """Train a LoRA adapter: lora-tune train CONFIG.yaml [section.key=value ...]."""
