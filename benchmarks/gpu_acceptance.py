@@ -63,6 +63,7 @@ class Run:
         self.deadline = time.monotonic() + budget_s
         self.stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
         self.sections: dict[str, str] = {}
+        self.env = environment()  # once: every saved part records it
         out.mkdir(parents=True, exist_ok=True)
 
     def left(self) -> float:
@@ -70,13 +71,13 @@ class Run:
 
     def save(self, part: str, result: dict, section: str) -> None:
         """Write the part's JSON and the summary with its section, each atomically."""
-        result = {"part": part, "stamp": self.stamp, "device": self.device, **environment(), **result}
+        result = {"part": part, "stamp": self.stamp, "device": self.device, **self.env, **result}
         _write(self.out / f"gpu-{part}-{self.stamp}.json", json.dumps(result, indent=2, default=str))
         self.sections[part] = section
         self.write_summary()
 
     def write_summary(self, not_run: tuple[str, ...] = ()) -> None:
-        env = environment()
+        env = self.env
         lines = [
             f"# GPU acceptance run ({self.stamp} UTC)",
             "",
@@ -100,16 +101,11 @@ def _write(path: Path, text: str) -> None:
 
 
 def environment() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
+    """The machine and versions every result records (the benchmark's own `hardware` and `versions`)."""
+    from lora_tune.bench.compare import hardware, versions
 
-    versions = {}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "trl"):
-        try:
-            versions[pkg] = version(pkg)
-        except PackageNotFoundError:
-            versions[pkg] = None
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"gpu": gpu, "cuda": torch.version.cuda, "versions": versions}
+    machine = hardware()
+    return {"gpu": machine["gpu"], "cuda": torch.version.cuda, "hardware": machine, "versions": versions()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -201,8 +197,7 @@ def planner_cases(quick: bool) -> list[tuple[str, dict, dict]]:
 
 
 def part_planner(run: Run) -> None:
-    from lora_tune.bench.memory import measure_step
-    from lora_tune.bench.plan import ModelShape, estimate
+    from lora_tune.bench.memory import planner_check
     from lora_tune.config import load_config
 
     rows = []
@@ -214,7 +209,7 @@ def part_planner(run: Run) -> None:
         cfg = load_config(None, overrides)
         t0 = time.monotonic()
         try:
-            measured = measure_step(cfg, run.device, shape=shape)["peak_bytes"]
+            check = planner_check(cfg, run.device, shape=shape)
         except Exception as e:  # noqa: BLE001 - one failed case is a result, the next may still run
             rows.append({"model": name, **settings, "error": f"{type(e).__name__}: {e}"[:300]})
             continue
@@ -222,10 +217,8 @@ def part_planner(run: Run) -> None:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        plan = estimate(ModelShape.from_config(shape), cfg, run.device)
-        planned = plan.total - plan.parts.get("CUDA context + allocator slack", 0)  # tensors only, as measured
-        row = {"model": name, **settings, "measured_mb": measured / 2**20, "planned_mb": planned / 2**20}
-        row |= {"error_pct": 100 * (planned - measured) / measured, "seconds": round(time.monotonic() - t0, 1)}
+        row = {"model": name, **settings, "measured_mb": check["measured_mb"], "planned_mb": check["planned_mb"]}
+        row |= {"error_pct": 100 * check["error"], "seconds": round(time.monotonic() - t0, 1)}
         rows.append(row)
         print(
             f"planner {name} {settings}: measured {row['measured_mb']:.0f} MB, planned {row['planned_mb']:.0f} MB",
@@ -354,13 +347,13 @@ def bench_model(run: Run, tmp: Path) -> tuple[str, str]:
 
 
 def _random_folder(config: dict, tokenizer_dir: Path, out: Path) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "torch_dtype", "dtype")}
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.for_model(config.get("model_type", "llama"), **fields)).save_pretrained(
-        out
-    )
+    from lora_tune.bench.shapes import random_model
+    from lora_tune.runtime import choose_precision
+
+    shape = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype", "dtype")}
+    random_model(shape, "fp32", choose_precision("fp32", torch.device("cpu"))).save_pretrained(out)
     if (tokenizer_dir / "tokenizer.json").is_file():
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     else:  # --quick: the tests' tiny tokenizer

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lora_tune.bench.memory import measure_step
-from lora_tune.bench.plan import ModelShape, estimate, load_model_config
+from lora_tune.bench.memory import planner_check
 from lora_tune.config import load_config
 
 HERE = Path(__file__).parent
@@ -100,17 +99,7 @@ def main() -> None:
                     *[f"{k}={v}" for k, v in s.items()],
                 ],
             )
-            measured = measure_step(cfg, device)["peak_bytes"]
-            shape = ModelShape.from_config(load_model_config(source))
-            plan = estimate(shape, cfg, device)
-            planned = plan.total - plan.parts.get("CUDA context + allocator slack", 0)  # tensors only
-            row = {
-                "model": name,
-                **s,
-                "measured_mb": measured / 2**20,
-                "planned_mb": planned / 2**20,
-                "error": (planned - measured) / measured,
-            }
+            row = {"model": name, **s, **planner_check(cfg, device)}
             rows.append(row)
             print(
                 f"{name:26s} {s}  measured {row['measured_mb']:8.1f} MB  planned {row['planned_mb']:8.1f} MB  "

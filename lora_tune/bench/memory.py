@@ -93,6 +93,17 @@ def measure_step(cfg: RunCfg, device: str = "cpu", shape: dict | None = None) ->
     return {"peak_bytes": float(static + peak), "static_bytes": float(static), "step_peak_bytes": float(peak)}
 
 
+def planner_check(cfg: RunCfg, device: str = "cpu", shape: dict | None = None) -> dict[str, float]:
+    """One optimizer step of `cfg` measured (`measure_step`) against the planner's estimate of its tensors
+    (the CUDA context is not a tensor): MB each, and the planner's relative error."""
+    from lora_tune.bench.plan import ModelShape, estimate, load_model_config
+
+    measured = measure_step(cfg, device, shape=shape)["peak_bytes"]
+    plan = estimate(ModelShape.from_config(shape or load_model_config(cfg.model.source)), cfg, device)
+    planned = plan.total - plan.parts.get("CUDA context + allocator slack", 0)
+    return {"measured_mb": measured / 2**20, "planned_mb": planned / 2**20, "error": (planned - measured) / measured}
+
+
 def dynamic_peak_bytes(fn) -> int:
     """Peak CPU tensor bytes allocated (and not yet freed) while `fn()` runs, above the level at its start.
 

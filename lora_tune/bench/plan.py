@@ -196,9 +196,8 @@ def estimate(
         parts["CUDA context + allocator slack"] = CUDA_OVERHEAD
     if gpus > 1:
         distribute(parts, shape, cfg, gpus, lora_params, per_layer)
-    plan = Plan(parts, t.micro_batch_size, t.grad_accum, cfg.data.max_length, t.gradient_checkpointing, device)
-    plan.gpus = gpus
-    return plan
+    batch = (t.micro_batch_size, t.grad_accum, cfg.data.max_length, t.gradient_checkpointing)
+    return Plan(parts, *batch, device, gpus=gpus)
 
 
 def distribute(parts: dict[str, float], shape: ModelShape, cfg: RunCfg, gpus: int, lora_params: int, layer: int):

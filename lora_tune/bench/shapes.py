@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lora_tune.errors import LoraTuneError
-from lora_tune.runtime import Precision
+from lora_tune.runtime import DTYPES, Precision
 
 
 def random_model(
@@ -29,13 +29,13 @@ def random_model(
 
     fields = {k: v for k, v in config.items() if k != "model_type"}
     cfg = AutoConfig.for_model(config.get("model_type", "llama"), **fields)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(quantization, precision.dtype)
+    dtype = DTYPES.get(quantization, precision.dtype)
     torch.manual_seed(seed)
     with torch.device(precision.device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     if quantization in ("nf4", "fp4"):
         quantize_linears(model, quantization, precision.dtype, double_quant)
-    elif quantization not in ("bf16", "fp16", "fp32"):
+    elif quantization not in DTYPES:
         raise LoraTuneError(f"random_model: quantization {quantization!r} is not built here; use nf4, fp4 or 16/32-bit")
     model.config.use_cache = False
     return model

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 
 from lora_tune.evaluate.generate import stop_ids
 from lora_tune.server.adapters import AdapterSet
+from lora_tune.server.dashboard.routes import add_dashboard_routes
 from lora_tune.server.dashboard.routes import is_open as dashboard_page
 from lora_tune.server.decode import RowSampling, TextTracker
 from lora_tune.server.inference import Engine, Failed, Finished, Job, Piece, QueueFull
@@ -173,8 +174,6 @@ def create_app(engine: Engine, adapters: AdapterSet, limits: Limits, context: in
 
         add_job_routes(app, jobs, _json)
     if runs is not None:
-        from lora_tune.server.dashboard.routes import add_dashboard_routes
-
         add_dashboard_routes(app, runs)
     return app
 

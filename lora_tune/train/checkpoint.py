@@ -68,7 +68,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit() and (p / "state.json").is_file()
+    ]
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
 
 
@@ -224,9 +228,6 @@ def load_checkpoint(
         load_optimizer(optimizer_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-    rng = path / rng_file(rank)
-    if rng.is_file():
-        set_rng_state(torch.load(rng, weights_only=True), note=note)
-    else:  # resumed on more processes than saved: this rank's dropout stream starts anew
-        note(f"note: {path} holds no random state of rank {rank}; its dropout masks start from a new seed")
+    # every rank's file is there: a run resumes only on the number of processes it was saved from
+    set_rng_state(torch.load(path / rng_file(rank), weights_only=True), note=note)
     return read_state(path)

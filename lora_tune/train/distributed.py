@@ -185,15 +185,6 @@ def wrap_ddp(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks of a (peft-wrapped) causal LM: the units FSDP shards and gathers one by one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = getattr(base.get_decoder(), "layers", None)
-    if layers is None:
-        raise LoraTuneError(f"train.distributed=fsdp: no decoder layers found in {type(base).__name__}; use ddp")
-    return list(layers)
-
-
 def wrap_fsdp(root: torch.nn.Module, model: torch.nn.Module, d: Dist, compute: torch.dtype) -> torch.nn.Module:
     """Shard `root` (the `LossOf` module around `model`) with FSDP2 over all ranks: each decoder layer is one
     unit, gathered for its forward and backward and freed after; the rest (embeddings, norm, head) is the
@@ -204,9 +195,14 @@ def wrap_fsdp(root: torch.nn.Module, model: torch.nn.Module, d: Dist, compute: t
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from lora_tune.train.compile import decoder_layers
+
+    layers = decoder_layers(model)  # the units FSDP shards and gathers one by one
+    if not layers:
+        raise LoraTuneError(f"train.distributed=fsdp: no decoder layers found in {type(model).__name__}; use ddp")
     mesh = init_device_mesh(d.device.type, (d.world,))
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-    for layer in decoder_layers(model):
+    for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     return fully_shard(root, mesh=mesh, mp_policy=policy)
 
@@ -235,11 +231,6 @@ def load_full_optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Opti
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(root, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The peft model inside a DDP wrapper (the model itself otherwise): for saving, adapters, generation."""
-    return getattr(model, "module", model)
 
 
 @contextlib.contextmanager

@@ -164,7 +164,7 @@ def default_hooks(run: Run, task_metric: TaskMetric | None) -> list[Hook]:
         *tracker_hooks(run.cfg, full_validation=ec.max_samples is None),
         Progress(tc.log_every, ec.metric),
         Evaluation(run.val_stream, tc.eval_every, metric_fn, ec.metric),
-        EarlyStopping(tc.early_stopping_patience, tc.early_stopping_min_delta, ec.early_stopping_on, ec.metric),
+        early_stopping(run),
         SyncRanks(),
         checkpointing(run),
     ]
@@ -173,11 +173,14 @@ def default_hooks(run: Run, task_metric: TaskMetric | None) -> list[Hook]:
 def other_ranks_hooks(run: Run) -> list[Hook]:
     """The hooks of ranks other than 0: none that writes. With sharded weights every evaluation's forward
     needs all ranks, so they evaluate too (and reach rank 0's verdicts themselves)."""
-    tc, ec = run.cfg.train, run.cfg.eval
     if not run.parts.sharded:
         return [SyncRanks(), checkpointing(run)]
-    stopping = EarlyStopping(tc.early_stopping_patience, tc.early_stopping_min_delta, ec.early_stopping_on, ec.metric)
-    return [Evaluation(run.val_stream, tc.eval_every), stopping, SyncRanks(), checkpointing(run)]
+    return [Evaluation(run.val_stream, run.cfg.train.eval_every), early_stopping(run), SyncRanks(), checkpointing(run)]
+
+
+def early_stopping(run: Run) -> EarlyStopping:
+    tc, ec = run.cfg.train, run.cfg.eval
+    return EarlyStopping(tc.early_stopping_patience, tc.early_stopping_min_delta, ec.early_stopping_on, ec.metric)
 
 
 def checkpointing(run: Run) -> Checkpointing:

@@ -18,11 +18,15 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from lora_tune.train.checkpoint import PREFIX, latest_checkpoint, list_checkpoints, read_state
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # folder names the API accepts (no paths)
 
@@ -139,27 +143,35 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
-def read_records(path: Path, after: int = 0) -> tuple[list[dict], int]:
-    """The metrics records from line `after` on (0-based), and the line count read so far.
-
-    A half-written last line (the trainer appending right now) is left for the next read.
-    """
-    records, count = [], 0
+def _complete_lines(path: Path) -> Iterator[bytes]:
+    """The lines of a metrics.jsonl the trainer has finished writing (a half-written last line is left for
+    the next read); none when the file is missing."""
     try:
         with open(path, "rb") as fh:
             for raw in fh:
                 if not raw.endswith(b"\n"):
-                    break
-                count += 1
-                if count <= after:
-                    continue
-                try:
-                    records.append(json.loads(raw))
-                except ValueError:
-                    continue
+                    return
+                yield raw
     except OSError:
+        return
+
+
+def _parsed(lines) -> list[dict]:
+    out = []
+    for raw in lines:
+        try:
+            out.append(json.loads(raw))
+        except ValueError:
+            continue
+    return out
+
+
+def read_records(path: Path, after: int = 0) -> tuple[list[dict], int]:
+    """The metrics records from line `after` on (0-based), and the line count read so far."""
+    lines = list(_complete_lines(path))
+    if not lines and not path.is_file():
         return [], after
-    return records, count
+    return _parsed(lines[after:]), len(lines)
 
 
 def _pid_alive(text: str) -> bool | None:
@@ -212,35 +224,20 @@ def _fields_of(cfg: dict) -> dict[str, Any]:
 def _summary_records(path: Path) -> tuple[list[dict], list[dict]]:
     """(the last 20 training records, every validation record) of a metrics.jsonl, parsing only those
     (training records carry no `split` key)."""
-    from collections import deque
-
     last: deque[bytes] = deque(maxlen=20)
     vals = []
-    try:
-        with open(path, "rb") as fh:
-            for raw in fh:
-                if not raw.endswith(b"\n"):
-                    break
-                if b'"split"' not in raw:
-                    last.append(raw)
-                    continue
-                try:
-                    record = json.loads(raw)
-                except ValueError:
-                    continue
-                if record.get("split") == "val":
-                    vals.append(record)
-                else:
-                    last.append(raw)
-    except OSError:
-        return [], []
-    train = []
-    for raw in last:
-        try:
-            train.append(json.loads(raw))
-        except ValueError:
+    for raw in _complete_lines(path):
+        if b'"split"' not in raw:
+            last.append(raw)
             continue
-    return train, vals
+        record = next(iter(_parsed([raw])), None)
+        if record is None:
+            continue
+        if record.get("split") == "val":
+            vals.append(record)
+        else:
+            last.append(raw)
+    return _parsed(last), vals
 
 
 def summarize(path: Path) -> RunSummary:
@@ -289,35 +286,26 @@ def status(path: Path) -> tuple[str, str | None, dict]:
     if said in ("failed", "interrupted"):
         return said, marker.get("error"), marker
     if (path / "adapter").is_dir():
-        stopped = said == "stopped early" or bool(_last_state(path).get("stopped"))
+        stopped = said == "stopped early" or _stopped_early(path)
         return ("stopped early" if stopped else "finished"), None, marker
     return "incomplete", None, marker
 
 
-def _last_state(path: Path) -> dict:
-    found = checkpoints(path)
-    if not found:
-        return {}
+def _stopped_early(path: Path) -> bool:
+    """Whether the run's last checkpoint says it stopped early (runs from before `status.json`)."""
+    last = latest_checkpoint(path)
     try:
-        return json.loads((path / "checkpoints" / found[-1]["name"] / "state.json").read_text())
+        return last is not None and bool(read_state(last).stopped)
     except (OSError, ValueError):
-        return {}
+        return False
 
 
 def checkpoints(path: Path) -> list[dict[str, Any]]:
     """The run's checkpoints, oldest first: name, step, and when written."""
-    root = path / "checkpoints"
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file():
-            try:
-                step = int(p.name.removeprefix("step-"))
-            except ValueError:
-                continue
-            out.append({"name": p.name, "step": step, "time": (p / "state.json").stat().st_mtime})
-    return sorted(out, key=lambda c: c["step"])
+    return [
+        {"name": p.name, "step": int(p.name.removeprefix(PREFIX)), "time": (p / "state.json").stat().st_mtime}
+        for p in list_checkpoints(path)
+    ]
 
 
 def evaluations(path: Path) -> list[dict[str, Any]]:

@@ -71,7 +71,7 @@ function failure(e) {
 // charts
 
 // series: [{name, points: [[x, y], ...], color}]; the SVG's data-points holds the first series' count
-function lineChart(title, series, opts = {}) {
+function lineChart(title, series) {
   const W = 640, H = 240, L = 56, R = 12, T = 12, B = 28;
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
@@ -129,11 +129,11 @@ function lineChart(title, series, opts = {}) {
   return box;
 }
 
-function curves(records, prefix = "") {
+function curves(records) {
   const train = records.filter((r) => (r.split || "train") === "train");
   const val = records.filter((r) => r.split === "val");
   const pick = (rows, k) => rows.filter((r) => typeof r[k] === "number").map((r) => [r.step, r[k]]);
-  return { train, val, pick, prefix };
+  return { train, val, pick };
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -175,10 +175,7 @@ async function pageRuns() {
     table.replaceChildren(el("thead", {}, head), el("tbody", {}, body));
   };
   render();
-  const compare = el("button", { onclick: () => {
-    const picked = [...document.querySelectorAll("input.pick:checked")].map((c) => c.value);
-    location.hash = "#/compare/" + picked.map(encodeURIComponent).join(",");
-  } }, "Compare selected");
+  const compare = el("button", { onclick: compareTicked }, "Compare selected");
   show(el("h1", {}, `Runs (${rows.length})`), el("p", { class: "muted" }, data.root), compare, table);
   document.body.dataset.renderedMs = String(Math.round(performance.now() - t0));
 }
@@ -253,6 +250,12 @@ async function pageRun(name) {
   draw();
 }
 
+// the compare page of the runs whose boxes are ticked (on the runs page, or on compare's own list)
+function compareTicked() {
+  const picked = [...document.querySelectorAll("input.pick:checked")].map((c) => c.value);
+  location.hash = "#/compare/" + picked.map(encodeURIComponent).join(",");
+}
+
 function flatten(obj, prefix = "", out = {}) {
   for (const [k, v] of Object.entries(obj || {})) {
     const name = prefix ? `${prefix}.${k}` : k;
@@ -267,10 +270,7 @@ async function pageCompare(names) {
     const data = await getJSON("/dashboard/api/runs");
     show(el("h1", {}, "Compare"), el("p", {}, "Pick two or more runs on the Runs page (the boxes on the left), or here:"),
       el("ul", {}, data.runs.map((r) => el("li", {}, el("label", {}, el("input", { type: "checkbox", class: "pick", value: r.name }), " ", r.name)))),
-      el("button", { onclick: () => {
-        const picked = [...document.querySelectorAll("input.pick:checked")].map((c) => c.value);
-        location.hash = "#/compare/" + picked.map(encodeURIComponent).join(",");
-      } }, "Compare"));
+      el("button", { onclick: compareTicked }, "Compare"));
     return;
   }
   const runs = await Promise.all(names.map(async (n) => {
