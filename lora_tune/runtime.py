@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,14 +70,68 @@ def choose_device(name: str = "auto") -> torch.device:
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16 and AMX; Arm's BF16 extension
 
+# The seam for what varies between the machines we run on. Tests and benchmarks set these to stand in
+# for another kind of CPU; ATEN_CPU_CAPABILITY=avx2 (read by torch at start-up) limits the real kernels.
+CPU_FLAGS_ENV = "LORA_TUNE_CPU_FLAGS"  # the CPU's feature flags, space- or comma-separated
+CPU_KERNELS_ENV = "LORA_TUNE_CPU_KERNELS"  # torch's kernel level: AVX512, AVX2, DEFAULT, ...
+# The flags an AVX2-only x86 CPU lists (the kind without AVX-512 and bf16 instructions).
+AVX2_FLAGS = "sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma f16c bmi1 bmi2"
+
+
+@dataclass(frozen=True)
+class CpuKind:
+    """What this CPU can do, as far as choosing a precision and reading benchmarks goes."""
+
+    flags: frozenset[str]  # from /proc/cpuinfo (x86 "flags", Arm "Features"); empty when unknown
+    kernels: str  # torch's ATen CPU capability: "AVX512", "AVX2", "DEFAULT", ...
+
+    @property
+    def bf16_flag(self) -> str | None | bool:
+        """The bf16 instruction set listed ("avx512_bf16", ...), False when the features are listed without
+        one, None when they are unknown."""
+        if not self.flags:
+            return None
+        return next((f for f in BF16_CPU_FLAGS if f in self.flags), False)
+
+    @property
+    def bf16_fast(self) -> bool | None:
+        """Whether bf16 matmuls run at least as fast as fp32 here; None when only a measurement can say.
+
+        x86 bf16 instructions help only where torch's kernels use them: not when they are held to AVX2 or
+        less (ATEN_CPU_CAPABILITY, or a build without AVX-512), where bf16 runs ~20-100x slower than fp32.
+        Arm's bf16 flag needs no such check.
+        """
+        flag = self.bf16_flag
+        if flag is None:
+            return None
+        return bool(flag) and x86_kernels_use_bf16(flag, self.kernels)
+
+
+def cpu_kind(environ: Mapping[str, str] | None = None, cpuinfo: str | None = None) -> CpuKind:
+    """This machine's `CpuKind`, or the one LORA_TUNE_CPU_FLAGS / LORA_TUNE_CPU_KERNELS describe."""
+    env = os.environ if environ is None else environ
+    given = env.get(CPU_FLAGS_ENV)
+    flags = frozenset(given.replace(",", " ").split()) if given is not None else frozenset(cpu_flags(cpuinfo))
+    kernels = env.get(CPU_KERNELS_ENV) or torch.backends.cpu.get_cpu_capability()
+    return CpuKind(flags, kernels.upper())
+
+
+def avx2_kind_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment in which a process on this machine sees the AVX2 kind: torch's and oneDNN's
+    kernels held to AVX2 and the seam's flags those of an AVX2-only CPU."""
+    return {
+        **environ,
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        CPU_FLAGS_ENV: AVX2_FLAGS,
+        CPU_KERNELS_ENV: "AVX2",
+    }
+
 
 def cpu_bf16_flag(cpuinfo: str | None = None) -> str | None | bool:
-    """The bf16 instruction set this CPU lists ("avx512_bf16", ...), False when it lists its features
-    without one, None when they are unknown (no /proc/cpuinfo)."""
-    flags = cpu_flags(cpuinfo)
-    if not flags:
-        return None
-    return next((f for f in BF16_CPU_FLAGS if f in flags), False)
+    """The bf16 instruction set this CPU lists (see `CpuKind.bf16_flag`); from `cpuinfo` when given,
+    else as the seam says."""
+    return CpuKind(frozenset(cpu_flags(cpuinfo)), "").bf16_flag if cpuinfo is not None else cpu_kind().bf16_flag
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
@@ -96,9 +151,8 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
 
 def x86_kernels_use_bf16(flag: str, kernels: str) -> bool:
     """Whether torch's CPU kernels can use an x86 CPU's bf16 instructions: not when they are limited to
-    AVX2 or less (by ATEN_CPU_CAPABILITY, or a build without AVX-512), where bf16 runs ~20-100x slower
-    than fp32. Arm's bf16 flag needs no such check."""
-    return not flag.endswith("_bf16") or kernels.startswith(("AVX512", "AMX"))
+    AVX2 or less (by ATEN_CPU_CAPABILITY, or a build without AVX-512). Arm's bf16 flag needs no such check."""
+    return not flag.endswith("_bf16") or kernels.upper().startswith(("AVX512", "AMX"))
 
 
 def cpu_bf16_speedup(size: int = 512, rounds: int = 5) -> float:
@@ -121,7 +175,11 @@ def cpu_bf16_speedup(size: int = 512, rounds: int = 5) -> float:
 
 
 def choose_precision(
-    requested: str, device: torch.device, weight_dtype: str | None = None, saved: str | None = None
+    requested: str,
+    device: torch.device,
+    weight_dtype: str | None = None,
+    saved: str | None = None,
+    cpu: CpuKind | None = None,
 ) -> Precision:
     """Pick the compute dtype.
 
@@ -129,7 +187,7 @@ def choose_precision(
     `saved` is the precision a resumed run chose when it started: `auto` keeps it, so a resume never
     changes precision. GPU: bf16 where supported, else fp16 with a GradScaler. CPU: bf16 autocast where
     the CPU has bf16 instructions, fp32 where it lists its features without them, and where they are
-    unknown, whichever a matmul measurement says is faster.
+    unknown, whichever a matmul measurement says is faster. `cpu`: the CPU kind (default `cpu_kind()`).
     """
     if weight_dtype in ("bf16", "fp16"):
         if requested not in ("auto", weight_dtype):
@@ -152,10 +210,10 @@ def choose_precision(
         if torch.cuda.is_bf16_supported():
             return Precision(device, torch.bfloat16, "bf16 autocast: this GPU supports bf16")
         return Precision(device, torch.float16, "fp16 autocast + GradScaler: this GPU has no bf16")
-    flag = cpu_bf16_flag()
-    kernels = torch.backends.cpu.get_cpu_capability()
-    if flag and not x86_kernels_use_bf16(flag, kernels):
-        why = f"fp32: this CPU has {flag}, but torch runs {kernels} kernels here (ATEN_CPU_CAPABILITY)"
+    kind = cpu or cpu_kind()
+    flag = kind.bf16_flag
+    if flag and not kind.bf16_fast:
+        why = f"fp32: this CPU has {flag}, but torch runs {kind.kernels} kernels here (ATEN_CPU_CAPABILITY)"
         return Precision(device, torch.float32, why)
     if flag:
         return Precision(device, torch.bfloat16, f"bf16 autocast: this CPU has bf16 instructions ({flag})")

@@ -83,15 +83,23 @@ def test_changing_what_early_stopping_watches_resets_the_best(tiny_model_dir, ch
     assert "early stopping now watches metric (f1), not loss (none)" in console.export_text()
 
 
-@pytest.mark.parametrize("flag, expected", [(False, "fp32"), ("avx512_bf16", "bf16")])
-def test_inference_chooses_precision_as_training_does(tiny_model_dir, monkeypatch, flag, expected):
-    """16-bit weights on a CPU without bf16 instructions are up-cast to fp32 (bf16 there is ~20x slower)."""
+@pytest.mark.parametrize(
+    "flags, kernels, expected",
+    [
+        ("avx2 fma", "AVX2", "fp32"),
+        ("avx2 avx512f avx512_bf16", "AVX2", "fp32"),
+        ("avx512f avx512_bf16", "AVX512", "bf16"),
+    ],
+)
+def test_inference_chooses_precision_as_training_does(tiny_model_dir, monkeypatch, flags, kernels, expected):
+    """16-bit weights on a CPU without fast bf16 are up-cast to fp32 (bf16 there is ~20x slower)."""
     import torch
 
-    from lora_tune import runtime
     from lora_tune.evaluate.run import ModelSpec, load_for_inference
+    from lora_tune.runtime import CPU_FLAGS_ENV, CPU_KERNELS_ENV
 
-    monkeypatch.setattr(runtime, "cpu_bf16_flag", lambda: flag)  # stand in for this CPU's /proc/cpuinfo
+    monkeypatch.setenv(CPU_FLAGS_ENV, flags)  # the runtime seam stands in for this machine's CPU
+    monkeypatch.setenv(CPU_KERNELS_ENV, kernels)
     model, _, precision = load_for_inference(ModelSpec(str(tiny_model_dir), None, "bf16"), "cpu")
     assert precision.name == expected
     assert next(model.parameters()).dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[expected]

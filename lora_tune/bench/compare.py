@@ -19,7 +19,7 @@ from lora_tune.allocator import choose, preload_env
 from lora_tune.atomic import atomic_write_text
 from lora_tune.bench.data import write_bench_data
 from lora_tune.bench.worker import Spec
-from lora_tune.runtime import cpu_flags
+from lora_tune.runtime import CPU_FLAGS_ENV, avx2_kind_env, cpu_flags, cpu_kind
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ CPU_KINDS = {
     "native": {},
     # ATen's vectorised kernels and oneDNN limited to AVX2, without bf16 instructions, as on an AVX2-only
     # CPU. fp32 GEMMs (MKL) already run at this machine's AVX2 rate either way.
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    # the runtime seam's flags say so too, so that precision choices are those of such a CPU
+    "avx2": avx2_kind_env({}),
 }
 CPU_KIND_NAMES = {"native": "this CPU's own kernels", "avx2": "AVX2 kernels (AVX-512 and bf16 instructions unused)"}
 
@@ -103,6 +104,8 @@ def hardware() -> dict:
         "cores": torch.get_num_threads(),
         "cpu_flags": sorted(cpu_flags(info) & set(SIMD_FLAGS)),
         "kernels": torch.backends.cpu.get_cpu_capability(),
+        # what the runtime seam made of it, where LORA_TUNE_CPU_FLAGS stands in for another kind
+        **({"seen_as_flags": sorted(cpu_kind().flags & set(SIMD_FLAGS))} if os.environ.get(CPU_FLAGS_ENV) else {}),
         "gpu": gpu,
         "platform": platform.platform(),
     }
