@@ -757,6 +757,13 @@ def bench(out, reps, steps, warmup, only, kinds, quality, seeds, tasks, ablate) 
 )
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option(
+    "--cpu-dequantize",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "true", "false"]),
+    help="a 4-bit base on the CPU: de-quantize it once (16-bit speed, same weights); auto: when it fits in memory",
+)
+@click.option(
     "--max-adapters",
     default=8,
     show_default=True,
@@ -822,6 +829,7 @@ def serve(
     quantization,
     base_weights,
     device,
+    cpu_dequantize,
     max_adapters,
     max_batch,
     max_queue,
@@ -855,6 +863,7 @@ def serve(
             quantization=quantization,
             base_weights=base_weights,
             device=device,
+            cpu_dequantize={"true": True, "false": False}.get(cpu_dequantize, "auto"),
             max_adapters=max_adapters,
             max_batch=max_batch,
             max_queue=max_queue,

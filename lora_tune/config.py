@@ -49,6 +49,11 @@ class ModelCfg:
     trust_remote_code: bool = _f(False, "allow model code from the hub to run (opt-in; only for sources you trust)")
     revision: str | None = _f(None, "hub revision (branch, tag or commit) to load")
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa, eager, or flash_attention_2")
+    cpu_dequantize: bool | Literal["auto"] = _f(
+        "auto",
+        "nf4/fp4 on the CPU: de-quantize the frozen 4-bit base once into the compute dtype (the exact weights "
+        "its 4-bit layers compute with, at 16-bit speed); auto: when they fit in half the free memory",
+    )
     adapter: str | None = _f(None, "start from this adapter folder and continue training it (e.g. SFT, then DPO)")
 
 

@@ -233,10 +233,17 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def load_model(cfg: ModelCfg, precision: Precision, path: str | None = None, quant_storage: torch.dtype | None = None):
+def load_model(
+    cfg: ModelCfg,
+    precision: Precision,
+    path: str | None = None,
+    quant_storage: torch.dtype | None = None,
+    log=None,
+):
     """Load the base model (quantized as configured) and its tokenizer. Returns (model, tokenizer).
 
-    `quant_storage`: see `quantization_config`.
+    `quant_storage`: see `quantization_config`. On the CPU a 4-bit base is de-quantized once as
+    `model.cpu_dequantize` says (`choose_cpu_dequantize`); `log` hears how that was decided.
     """
     from transformers import AutoModelForCausalLM
 
@@ -265,8 +272,103 @@ def load_model(cfg: ModelCfg, precision: Precision, path: str | None = None, qua
         raise
     if qcfg is None:
         model.to(precision.device)
+    if cfg.quantization in ("nf4", "fp4") and precision.device.type == "cpu":
+        use, why = choose_cpu_dequantize(cfg.cpu_dequantize, dequantized_bytes(model, precision.dtype))
+        if use:
+            dequantize_4bit_layers(model, precision.dtype)
+        if log is not None:
+            log(f"4-bit base: {why}")
     model.config.use_cache = False  # a KV cache is useless in training and wrong over packed rows
     return model, load_tokenizer(path, cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A 4-bit base on the CPU
+
+
+def _linear4bit_layers(model) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """(parent, attribute, layer) of every bitsandbytes 4-bit linear layer."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return []
+    return [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, bnb.nn.Linear4bit)
+    ]
+
+
+def is_4bit(model) -> bool:
+    """Whether any layer of `model` computes from bitsandbytes 4-bit weights."""
+    return bool(_linear4bit_layers(model))
+
+
+def dequantized_bytes(model, dtype: torch.dtype) -> int:
+    """Bytes the 4-bit linear weights take once de-quantized into `dtype`."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(layer.in_features * layer.out_features * size for _, _, layer in _linear4bit_layers(model))
+
+
+def choose_cpu_dequantize(setting: bool | str, nbytes: int, available: int | None = None) -> tuple[bool, str]:
+    """Whether to de-quantize a 4-bit base on the CPU, and why, for `model.cpu_dequantize`.
+
+    bitsandbytes' CPU path de-quantizes every 4-bit weight again in each forward and backward (and in
+    the recomputed forward of gradient checkpointing), so a frozen base computed from weights
+    de-quantized once runs at 16-bit speed. auto does it when those weights take at most half of
+    the memory the system has free (`available`, default MemAvailable).
+    """
+    size = f"{nbytes / 2**30:.2f} GiB"
+    if setting is False:
+        return False, "kept in 4 bits (model.cpu_dequantize: false); each layer de-quantizes its weight per use"
+    if setting is True:
+        return True, f"de-quantized once into {size} (model.cpu_dequantize: true)"
+    free = memory_available_bytes() if available is None else available
+    if free is None or nbytes <= free / 2:
+        have = "" if free is None else f" of {free / 2**30:.1f} GiB free"
+        return True, f"de-quantized once into {size}{have} (model.cpu_dequantize: auto); 16-bit speed, same weights"
+    return False, (
+        f"kept in 4 bits: de-quantized it would take {size}, over half of the {free / 2**30:.1f} GiB free "
+        "(model.cpu_dequantize: auto; true forces it)"
+    )
+
+
+def memory_available_bytes() -> int | None:
+    """The memory the system can give without swapping (Linux MemAvailable); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def dequantize_4bit_layers(model, dtype: torch.dtype) -> int:
+    """Replace each bitsandbytes 4-bit linear layer by a frozen `nn.Linear` holding the weight it
+    computes with (bitsandbytes' own de-quantization, in `dtype`); returns the count replaced.
+
+    One layer at a time, so memory peaks at the 4-bit model plus the de-quantized weights.
+    """
+    import bitsandbytes.functional as bf
+
+    layers = _linear4bit_layers(model)
+    for parent, name, layer in layers:
+        weight = bf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+        plain = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        plain.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if layer.bias is not None:
+            plain.bias = torch.nn.Parameter(layer.bias.data, requires_grad=False)
+        setattr(parent, name, plain)
+    if layers:
+        # no longer a bitsandbytes model: peft and transformers must treat these as the plain layers they are
+        model.is_loaded_in_4bit = False
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return len(layers)
 
 
 def prepare_for_training(model, gradient_checkpointing: bool) -> None:

@@ -78,7 +78,7 @@ def test_merge_output_loads_offline_and_matches_adapter(tiny_model_dir, chat_fil
 def test_nf4_roundtrip_is_what_the_4bit_model_computes_with(tiny_model_dir):
     import bitsandbytes.functional as bf
 
-    q_model, _ = load_model(ModelCfg(source=str(tiny_model_dir), quantization="nf4"), CPU16)
+    q_model, _ = load_model(ModelCfg(source=str(tiny_model_dir), quantization="nf4", cpu_dequantize=False), CPU16)
     dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).state_dict()
     layer = q_model.model.layers[1].self_attn.q_proj
     want = bf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)

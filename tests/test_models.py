@@ -80,7 +80,7 @@ def test_prepare_does_not_upcast_frozen_weights(tiny_model_dir):
 def test_quantized_load_on_cpu(tiny_model_dir, quant):
     import bitsandbytes as bnb
 
-    model, _ = load_model(ModelCfg(source=str(tiny_model_dir), quantization=quant), CPU16)
+    model, _ = load_model(ModelCfg(source=str(tiny_model_dir), quantization=quant, cpu_dequantize=False), CPU16)
     layer = model.model.layers[0].mlp.up_proj
     assert isinstance(layer, bnb.nn.Linear4bit if quant != "int8" else bnb.nn.Linear8bitLt)
     with torch.no_grad(), CPU16.autocast():
@@ -92,7 +92,7 @@ def test_nf4_lora_gradients_match_dequantized_model(tiny_model_dir):
     import bitsandbytes.functional as bf
 
     torch.manual_seed(0)
-    q_model, _ = load_model(ModelCfg(source=str(tiny_model_dir), quantization="nf4"), CPU32)
+    q_model, _ = load_model(ModelCfg(source=str(tiny_model_dir), quantization="nf4", cpu_dequantize=False), CPU32)
     d_model, _ = load_model(ModelCfg(source=str(tiny_model_dir), quantization="fp32"), CPU32)
     # give the dense model exactly the weights the 4-bit model computes with
     dense = dict(d_model.named_modules())
@@ -184,7 +184,7 @@ def test_validation_does_not_break_qlora_gradients(tiny_model_dir):
     batch = collate([Example([1, 5, 9, 30, 44, 2], [1, 5, 9, 30, 44, 2])] * 2, pad_id=0)
     grads = []
     for validate_first in (False, True):
-        model, _ = load_model(ModelCfg(source=str(tiny_model_dir), quantization="nf4"), CPU16)
+        model, _ = load_model(ModelCfg(source=str(tiny_model_dir), quantization="nf4", cpu_dequantize=False), CPU16)
         prepare_for_training(model, gradient_checkpointing=True)
         torch.manual_seed(1)
         pm = attach_lora(model, LoraCfg(r=4, alpha=8, dropout=0.0))

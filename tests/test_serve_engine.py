@@ -273,7 +273,7 @@ def test_dequantized_base_has_the_weights_a_4bit_load_computes_with(tiny_model_d
     from lora_tune.server.serve import roundtrip_linear_weights
 
     fp32 = Precision(torch.device("cpu"), torch.float32, "test")
-    four_bit, _ = load_model(ModelCfg(source=str(tiny_model_dir), quantization="nf4"), fp32)
+    four_bit, _ = load_model(ModelCfg(source=str(tiny_model_dir), quantization="nf4", cpu_dequantize=False), fp32)
     rounded = fresh_model(tiny_model_dir)
     assert roundtrip_linear_weights(rounded, "nf4", True) == 14  # 7 linear layers x 2 blocks, not the head
     q = dict(four_bit.named_modules())

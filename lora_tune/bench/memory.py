@@ -8,6 +8,7 @@ records during one full optimizer step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -62,7 +63,9 @@ def measure_step(cfg: RunCfg, device: str = "cpu", shape: dict | None = None) ->
     if shape is not None:
         model = random_model(shape, cfg.model.quantization, precision, cfg.model.double_quant)
     else:
-        model, _ = load_model(cfg.model, precision, resolve_source(cfg.model.source, log=lambda *_: None))
+        # the planner plans 4-bit weights kept in 4 bits (as on a GPU), so they are measured that way
+        mcfg = dataclasses.replace(cfg.model, cpu_dequantize=False)
+        model, _ = load_model(mcfg, precision, resolve_source(cfg.model.source, log=lambda *_: None))
     prepare_for_training(model, cfg.train.gradient_checkpointing)
     model = attach_lora(model, cfg.lora)
     model.train()  # from_pretrained returns eval mode, where checkpointing (and dropout) are off

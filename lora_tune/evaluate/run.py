@@ -54,6 +54,7 @@ class ModelSpec:
     source: str
     adapter: str | None = None
     quantization: str = "bf16"
+    cpu_dequantize: bool | str = "auto"  # a 4-bit base on the CPU: see models.choose_cpu_dequantize
 
     @classmethod
     def resolve(cls, model: str | None, adapter: str | None, run: str | None, quantization: str | None) -> ModelSpec:
@@ -90,9 +91,8 @@ def load_for_inference(spec: ModelSpec, device: str = "auto"):
     from lora_tune.models import load_adapter, load_model, resolve_source
 
     quantization, precision = inference_precision(spec.quantization, choose_device(device))
-    model, tok = load_model(
-        ModelCfg(source=spec.source, quantization=quantization), precision, resolve_source(spec.source)
-    )
+    mcfg = ModelCfg(source=spec.source, quantization=quantization, cpu_dequantize=spec.cpu_dequantize)
+    model, tok = load_model(mcfg, precision, resolve_source(spec.source))
     if spec.adapter:
         from lora_tune.models import load_tokenizer
 

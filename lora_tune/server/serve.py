@@ -11,7 +11,7 @@ import torch
 
 from lora_tune.errors import LoraTuneError
 from lora_tune.evaluate.run import ModelSpec, load_for_inference
-from lora_tune.models import adapter_meta
+from lora_tune.models import adapter_meta, is_4bit
 from lora_tune.runtime import dtype_name
 from lora_tune.server.adapters import AdapterSet, Served, find_adapter_folders
 from lora_tune.server.app import Guard, Limits, create_app
@@ -31,6 +31,7 @@ class ServeOptions:
     quantization: str | None = None  # default: as the first adapter was trained, else bf16
     base_weights: str = "original"  # or "dequantized": 16-bit weights rounded as a 4-bit base had them
     device: str = "auto"
+    cpu_dequantize: bool | str = "auto"  # a 4-bit base on the CPU: see models.choose_cpu_dequantize
     max_adapters: int = 8
     max_batch: int = 8
     max_queue: int = 64
@@ -65,7 +66,7 @@ def build(opts: ServeOptions, log=print) -> tuple[AdapterSet, int]:
                 f"trained on nf4/fp4 (the first one found used {trained}) and --quantization bf16, fp16 or fp32"
             )
     log(f"loading {source} ({quantization})")
-    model, tok, _ = load_for_inference(ModelSpec(source, None, quantization), opts.device)
+    model, tok, _ = load_for_inference(ModelSpec(source, None, quantization, opts.cpu_dequantize), opts.device)
     model.config.use_cache = True
     served = _served(model, quantization)
     if opts.base_weights == "dequantized":
@@ -83,6 +84,9 @@ def build(opts: ServeOptions, log=print) -> tuple[AdapterSet, int]:
 
 
 def _served(model, quantization: str) -> Served:
+    if quantization in ("nf4", "fp4") and not is_4bit(model):  # model.cpu_dequantize on the CPU
+        dtype = dtype_name(next(model.parameters()).dtype)
+        return Served(quantization, quantization, f"{quantization} weights de-quantized once into {dtype}")
     if quantization in ("nf4", "fp4", "int8"):
         return Served(quantization, quantization, f"{quantization} ({'8' if quantization == 'int8' else '4'}-bit)")
     dtype = dtype_name(next(model.parameters()).dtype)

@@ -156,7 +156,9 @@ def setup_run(
     set_seed(tc.seed)
     source_path = resolve_source(cfg.model.source, log=console.print)
     sharded = dist.enabled and tc.distributed == "fsdp"
-    model, tok = load_model(cfg.model, precision, source_path, quant_storage=precision.dtype if sharded else None)
+    model, tok = load_model(
+        cfg.model, precision, source_path, quant_storage=precision.dtype if sharded else None, log=console.print
+    )
     if cfg.model.adapter and (Path(cfg.model.adapter) / "tokenizer_config.json").is_file():
         tok = load_tokenizer(cfg.model.adapter, cfg.model)  # with the chat template the adapter was trained on
     template = resolve_chat_template(tok, cfg.data.chat_template)
