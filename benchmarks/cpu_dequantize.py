@@ -141,20 +141,21 @@ def markdown(result: dict, name: str) -> str:
         f"not compiled; generation: {s['new_tokens']} greedy tokens after a warm-up. Each figure from a "
         f"fresh process. Hardware: {hw['cpu']} ({hw['cores']} threads; CPU flags: {', '.join(hw['cpu_flags'])}).",
         "",
-        "| CPU kind | weights | precision | train tokens/s | vs 4-bit kept | peak MB | generate tokens/s "
-        "| vs 4-bit kept |",
-        "|---|---|---|---|---|---|---|---|",
+        "| CPU kind | weights | precision (train / generate) | train tokens/s | vs 4-bit kept | peak MB | val loss "
+        "| generate tokens/s | vs 4-bit kept |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         base = next(x for x in result["rows"] if x["cpu_kind"] == r["cpu_kind"])
         t, g, bt, bg = r["train"], r["generate"], base["train"], base["generate"]
         if "error" in t or "error" in g:
-            lines.append(f"| {r['cpu_kind']} | {r['row']} | failed | | | | | |")
+            lines.append(f"| {r['cpu_kind']} | {r['row']} | failed | | | | | | |")
             continue
+        trained = "fp32" if t["quantization"] == "fp32" else g["precision"]  # the worker trains fp32 as fp32
         lines.append(
-            f"| {CPU_KIND_NAMES[r['cpu_kind']]} | {r['row']} | {g['precision']} | {t['tokens_per_s']:.0f} | "
-            f"{t['tokens_per_s'] / bt['tokens_per_s']:.2f}x | {t['peak_mb']:.0f} | {g['tokens_per_s']:.1f} | "
-            f"{g['tokens_per_s'] / bg['tokens_per_s']:.2f}x |"
+            f"| {CPU_KIND_NAMES[r['cpu_kind']]} | {r['row']} | {trained} / {g['precision']} | "
+            f"{t['tokens_per_s']:.0f} | {t['tokens_per_s'] / bt['tokens_per_s']:.2f}x | {t['peak_mb']:.0f} | "
+            f"{t['val_loss']:.4f} | {g['tokens_per_s']:.1f} | {g['tokens_per_s'] / bg['tokens_per_s']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
