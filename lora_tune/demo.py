@@ -16,8 +16,10 @@ from lora_tune.train.loop import TrainResult
 from lora_tune.train.rundir import check_overwritable
 
 DEMO_PROMPT = "How much does Nimbus Notes Pro cost?"
-TRAIN_BUDGET_S = 240.0  # the demo's training should take a few minutes on every machine we have
-MIN_STEPS = 20  # fewer and the tuned answer is no longer convincing
+# the demo's training, so that the whole demo stays within 5 minutes on the slowest CPUs we get (AVX2
+# only: 2.4-4 s a step, ~75 s for everything else)
+TRAIN_BUDGET_S = 150.0
+MIN_STEPS = 24  # at demo.yaml's lr 24 steps answer the price question right; at 20 they did not
 
 
 def demo_steps(step_seconds: float, planned: int, budget_s: float = TRAIN_BUDGET_S) -> int:

@@ -1,4 +1,5 @@
-"""Fault injection: SIGKILL at several steps of a run that uses everything at once; bad data through the CLI."""
+"""Fault injection: SIGKILL at several steps of a run that uses everything at once (trackers included);
+bad data through the CLI."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import signal
 import time
 
 import pytest
+from test_trackers import TRACKER_ENV, check_tracker_stores, mlflow_steps
 
 from lora_tune.train.metrics import read_metrics
 
 from conftest import cli_process, tiny_overrides
 
-EVERYTHING = {  # QLoRA + packing + 8-bit optimizer + accumulation + early stopping + dropout
+# QLoRA (4-bit layers kept, as on a GPU) + packing + 8-bit optimizer + accumulation + early stopping + dropout
+EVERYTHING = {
     "model.quantization": "nf4",
-    "train.precision": "bf16",
+    "model.cpu_dequantize": False,
     "data.packing": True,
     "train.optimizer": "adamw_8bit",
     "train.grad_accum": 2,
@@ -22,9 +25,10 @@ EVERYTHING = {  # QLoRA + packing + 8-bit optimizer + accumulation + early stopp
     "train.max_steps": 16,
     "train.eval_every": 2,
     "train.early_stopping_patience": 3,
-    "train.save_every": 1,
+    "train.save_every": 3,
     "lora.dropout": 0.1,
 }
+TRACKERS = {"train.report_to": "tensorboard,mlflow,wandb"}  # resume-safe: the reference runs without them
 
 
 def _losses(out):
@@ -33,12 +37,13 @@ def _losses(out):
 
 
 def _run_until(args, out, kill_after: int | None):
-    """Run `lora-tune ARGS`; with `kill_after`, SIGKILL it once that many training steps are logged."""
-    proc = cli_process(args)
+    """Run `lora-tune ARGS`; with `kill_after`, SIGKILL it once that many training steps are logged.
+    Returns the process's stdout."""
+    proc = cli_process(args, **TRACKER_ENV)
     if kill_after is None:
-        _, err = proc.communicate(timeout=300)
+        stdout, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
-        return
+        return stdout
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if sum(1 for _, split, _ in _losses(out) if split == "train") >= kill_after:
@@ -46,26 +51,34 @@ def _run_until(args, out, kill_after: int | None):
             break
         time.sleep(0.005)
     assert proc.wait(timeout=60) == -signal.SIGKILL, f"the run ended before step {kill_after}: {proc.stderr.read()}"
+    return ""
 
 
 @pytest.mark.slow
 def test_sigkill_at_several_steps_resumes_to_the_uninterrupted_run(tiny_model_dir, chat_files, tmp_path):
+    """The one SIGKILL chain of the SFT loop: killed twice between checkpoints and resumed, a run that uses
+    everything at once gives every train and validation loss of the uninterrupted run exactly, and its
+    three trackers hold every step once (test_trackers.check_tracker_stores)."""
     train_file, val_file = chat_files
     empty = tmp_path / "empty.yaml"
     empty.write_text("{}\n")
 
-    def args(out, *more):
-        return ["train", str(empty), *tiny_overrides(tiny_model_dir, train_file, val_file, out, **EVERYTHING), *more]
+    def args(out, *more, **extra):
+        over = tiny_overrides(tiny_model_dir, train_file, val_file, out, **EVERYTHING, **extra)
+        return ["train", str(empty), *over, *more]
 
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     _run_until(args(ref), ref, None)
-    _run_until(args(cut), cut, kill_after=3)
-    _run_until(args(cut, "--resume"), cut, kill_after=8)
-    _run_until(args(cut, "--resume"), cut, kill_after=11)
-    _run_until(args(cut, "--resume"), cut, None)
+    _run_until(args(cut, **TRACKERS), cut, kill_after=5)  # the checkpoint is at step 3: 4-5 are redone
+    ids_before = json.loads((cut / "trackers.json").read_text())
+    assert max(mlflow_steps(cut)) > 3  # the store holds steps past the checkpoint: they must not come twice
+    _run_until(args(cut, "--resume", **TRACKERS), cut, kill_after=8)
+    stdout = _run_until(args(cut, "--resume", **TRACKERS), cut, None)
+    assert "resumed from" in stdout
     assert _losses(cut) == _losses(ref)  # every train and validation loss, exactly
     state = json.loads(sorted((cut / "checkpoints").glob("step-*/state.json"))[-1].read_text())
     assert state["step"] == _losses(ref)[-1][0]
+    check_tracker_stores(cut, ids_before, {"train.max_steps": "16", "model.source": str(tiny_model_dir)})
 
 
 BAD_LINES = [

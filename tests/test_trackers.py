@@ -1,12 +1,10 @@
 """Experiment tracking: each tracker's store, read back with its own reader, equals metrics.jsonl, also after
-a SIGKILL and a resume (no step twice, none missing)."""
+SIGKILLs and resumes (no step twice, none missing: `check_tracker_stores`, run by test_faults' chain)."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,61 +14,32 @@ from lora_tune.errors import ConfigError
 from lora_tune.train.metrics import read_metrics
 from lora_tune.train.trackers import read_tensorboard, read_wandb_offline, tracker_metrics, wandb_logged_in
 
-from conftest import cli_process, tiny_config, tiny_overrides
+from conftest import tiny_config
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
 pytest.importorskip("wandb")
 
 
-def _cli(args: list[str]):
-    return cli_process(args, WANDB_MODE="offline", MLFLOW_TRACKING_URI="")  # offline; the run folder's store
+# the trackers offline, each with its store in the run folder
+TRACKER_ENV = {"WANDB_MODE": "offline", "MLFLOW_TRACKING_URI": ""}
 
 
 def _split(rows, split):
     return [r for r in rows if r.get("split", "train") == split]
 
 
-def test_trackers_equal_metrics_jsonl_across_sigkill_and_resume(tiny_model_dir, chat_files, tmp_path):
-    train_file, val_file = chat_files
-    out = tmp_path / "run"
-    extra = {
-        "train.max_steps": 14,
-        "train.save_every": 3,
-        "train.eval_every": 4,
-        "train.report_to": "tensorboard,mlflow,wandb",
-    }
-    empty = tmp_path / "empty.yaml"
-    empty.write_text("{}\n")
-    args = ["train", str(empty), *tiny_overrides(tiny_model_dir, train_file, val_file, out, **extra)]
-
-    victim = _cli(args)
-    deadline = time.time() + 300
-    while time.time() < deadline and victim.poll() is None:
-        rows = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
-        if len(_split(rows, "train")) >= 8:  # the checkpoint is at step 6: steps 7-8 are redone on resume
-            victim.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    assert victim.wait(timeout=60) == -signal.SIGKILL, f"the run ended before it was killed: {victim.stderr.read()}"
-    ids_before = json.loads((out / "trackers.json").read_text())
+def check_tracker_stores(out: Path, ids_before: dict, params: dict[str, str]) -> None:
+    """Each tracker's store, read back with its own reader, equals metrics.jsonl: every step once, none
+    missing, across the SIGKILLs and resumes of test_faults' chain (which runs with all three trackers)."""
     from mlflow.tracking import MlflowClient
 
-    ml = ids_before["mlflow"]
-    client = MlflowClient(tracking_uri=ml["tracking_uri"])
-    logged = [m.step for m in client.get_metric_history(ml["run_id"], "train_loss")]
-    assert max(logged) > 6  # the store holds steps past the checkpoint: the resume must not send them again
-
-    resumed = _cli([*args, "--resume"])
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-    assert "resumed from" in resumed.stdout.read()
     assert json.loads((out / "trackers.json").read_text()) == ids_before  # the same tracker runs continue
-
     rows = read_metrics(out / "metrics.jsonl")
     train = [(r["step"], r["loss"]) for r in _split(rows, "train")]
     acc = [(r["step"], r["token_accuracy"]) for r in _split(rows, "train")]
     val = [(r["step"], r["loss"]) for r in _split(rows, "val")]
-    assert [s for s, _ in train] == list(range(1, 15)) and [s for s, _ in val] == [0, 4, 8, 12, 14]
+    assert [s for s, _ in train] == list(range(1, len(train) + 1))
 
     # TensorBoard stores float32; its reader drops the events a restart purged
     tb = read_tensorboard(out / "tensorboard")
@@ -80,7 +49,9 @@ def test_trackers_equal_metrics_jsonl_across_sigkill_and_resume(tiny_model_dir, 
     assert tb["full_valid_loss"] == tb["val/loss"]  # eval.max_samples unset: the whole validation set
     assert tb["train_mean_token_accuracy"] == [(s, float(np.float32(v))) for s, v in acc]
 
+    ml = ids_before["mlflow"]
     assert ml["tracking_uri"] == f"sqlite:///{(out / 'mlruns' / 'mlflow.db').resolve()}"
+    client = MlflowClient(tracking_uri=ml["tracking_uri"])
 
     def history(key):
         return sorted((m.step, m.value) for m in client.get_metric_history(ml["run_id"], key))
@@ -88,17 +59,27 @@ def test_trackers_equal_metrics_jsonl_across_sigkill_and_resume(tiny_model_dir, 
     assert history("train_loss") == train and history("train/loss") == train
     assert history("valid_loss") == val and history("train_mean_token_accuracy") == acc
     run = client.get_run(ml["run_id"])
-    assert run.data.params["train.max_steps"] == "14" and run.data.params["model.source"] == str(tiny_model_dir)
+    assert {k: run.data.params[k] for k in params} == params
     assert run.info.status == "FINISHED"
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
     wb_id = ids_before["wandb"]["id"]
-    assert len(list((out / "wandb").glob(f"offline-run-*-{wb_id}"))) == 2  # before and after the kill
+    assert len(list((out / "wandb").glob(f"offline-run-*-{wb_id}"))) >= 2  # one per start of the process
     wb = read_wandb_offline(out / "wandb", wb_id)
     assert sorted(wb["train/loss"]) == train and sorted(wb["train_loss"]) == train
     assert sorted(wb["val/loss"]) == val and sorted(wb["valid_mean_token_accuracy"]) == sorted(
         (r["step"], r["token_accuracy"]) for r in _split(rows, "val")
     )
+
+
+def mlflow_steps(out: Path) -> list[int]:
+    """The training steps the run's MLflow store holds so far."""
+    from mlflow.tracking import MlflowClient
+
+    ml = json.loads((out / "trackers.json").read_text())["mlflow"]
+    return [
+        m.step for m in MlflowClient(tracking_uri=ml["tracking_uri"]).get_metric_history(ml["run_id"], "train_loss")
+    ]
 
 
 def test_fresh_start_hides_older_tensorboard_events(tiny_model_dir, chat_files, tmp_path):
