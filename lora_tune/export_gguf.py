@@ -328,7 +328,9 @@ def _compare_tensors(model_dir: Path, gguf_file: Path) -> tuple[str, float, int]
                 t = written.get(gguf_name(name))
                 if t is None:
                     return gguf_name(name) + " (missing)", float("inf"), total
-                got = torch.from_numpy(np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+                got = torch.from_numpy(
+                    np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+                )  # a copy: writable
                 err = float((got.reshape(w.shape) - w).norm() / w.norm().clamp_min(1e-12))
                 if err > worst_err:
                     worst, worst_err = gguf_name(name), err

@@ -61,10 +61,10 @@ def qlora_run(smollm2, tmp_path_factory) -> Path:
         "train",
         str(ASSETS / "demo.yaml"),
         f"output_dir={out}",
-        "train.max_steps=12",
+        "train.max_steps=6",  # the fewest steps that still lower the validation loss clearly
         "train.epochs=1",
-        "train.eval_every=6",
-        "train.save_every=6",
+        "train.eval_every=3",
+        "train.save_every=3",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -80,54 +80,41 @@ def test_qlora_cli_run_lowers_validation_loss(qlora_run):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def cli(*args: str):
+    """`lora-tune ARGS` run in this process (the command itself, without a start-up of its own)."""
+    from click.testing import CliRunner
+
+    from lora_tune.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
 def test_merge_and_gguf_export_of_a_qlora_run(qlora_run, tmp_path):
     """Merge after a short QLoRA run: fidelity within threshold, then a verified f16 GGUF."""
     merged = tmp_path / "merged"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lora_tune.cli",
-            "merge",
-            "--run",
-            str(qlora_run),
-            "--out",
-            str(merged),
-            "--base-weights",
-            "dequantized",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "WARNING" not in proc.stderr
+    result = cli("merge", "--run", str(qlora_run), "--out", str(merged), "--base-weights", "dequantized")
+    assert result.exit_code == 0, result.output[-3000:]
+    assert "WARNING" not in result.output
     rep = json.loads((merged / "merge_report.json").read_text())
     trained = rep["fidelity"][-1]
     assert trained["reference"] == "as trained: nf4 base + adapter"
     assert trained["mean_kl"] < 1e-2 and abs(trained["ppl_merged"] / trained["ppl_reference"] - 1) < 0.02
     gguf_file = tmp_path / "model.gguf"
-    proc = subprocess.run(
-        [sys.executable, "-m", "lora_tune.cli", "export-gguf", str(merged), "--out", str(gguf_file)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = cli("export-gguf", str(merged), "--out", str(gguf_file))
+    assert result.exit_code == 0, result.output[-3000:]
     check = json.loads(gguf_file.with_suffix(".json").read_text())
     assert check["tokenizer_roundtrip"] and check["mean_kl"] < 1e-4
 
 
 def test_data_inspect_with_the_real_tokenizer(smollm2):
-    cmd = [sys.executable, "-m", "lora_tune.cli", "data", "inspect", str(ASSETS / "demo_train.jsonl")]
-    cmd += ["--max-length", "24"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1  # the 37-token prompts leave no answer in 24 tokens
-    assert f"{ASSETS / 'demo_train.jsonl'}:1: no supervised token left" in proc.stdout
-    cmd[-1] = "256"
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "37 (messages 37)" in proc.stdout and "⟦Hi, this is Nimbus Support!" in proc.stdout
+    args = ["data", "inspect", str(ASSETS / "demo_train.jsonl"), "--max-length", "24"]
+    result = cli(*args)
+    assert result.exit_code == 1  # the 37-token prompts leave no answer in 24 tokens
+    assert f"{ASSETS / 'demo_train.jsonl'}:1: no supervised token left" in result.output
+    args[-1] = "256"
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "37 (messages 37)" in result.output and "⟦Hi, this is Nimbus Support!" in result.output
 
 
 def test_eval_cli_on_smollm2(smollm2, tmp_path):
@@ -156,51 +143,18 @@ def test_eval_cli_on_smollm2(smollm2, tmp_path):
     text = tmp_path / "doc.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
     out = tmp_path / "r.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "lora_tune.cli",
-        "eval",
-        "--model",
-        "builtin:smollm2-135m",
-        "--data",
-        str(ASSETS / "demo_val.jsonl"),
-        "--max-samples",
-        "3",
-        "--metrics",
-        "perplexity,f1,exact_match",
-        "--max-new-tokens",
-        "16",
-        "--text",
-        str(text),
-        "--window",
-        "64",
-        "--stride",
-        "32",
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = cli(
+        "eval", "--model", "builtin:smollm2-135m", "--data", str(ASSETS / "demo_val.jsonl"), "--max-samples", "3",
+        "--metrics", "perplexity,f1,exact_match", "--max-new-tokens", "16", "--text", str(text), "--window", "64",
+        "--stride", "32", "--out", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output[-2000:]
     m = json.loads(out.read_text())["results"]["base"]["metrics"]
     assert 1 < m["perplexity"] < 1000 and 0 <= m["f1"] <= 1 and m["exact_match"] == 0.0
     assert 1 < m["text_perplexity"] < 10  # a repeated sentence becomes very predictable
-    cmd = [
-        sys.executable,
-        "-m",
-        "lora_tune.cli",
-        "eval",
-        "--model",
-        "builtin:smollm2-135m",
-        "--data",
-        str(sentiment),
-        "--metrics",
-        "accuracy,macro_f1",
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    args = ["eval", "--model", "builtin:smollm2-135m", "--data", str(sentiment), "--metrics", "accuracy,macro_f1"]
+    result = cli(*args, "--out", str(out))
+    assert result.exit_code == 0, result.output[-2000:]
     report = json.loads(out.read_text())["results"]["base"]
     assert report["details"]["classes"]["labels"] == ["negative", "positive"]
     assert report["metrics"]["accuracy"] >= 0.75  # the instruct model already gets these easy reviews

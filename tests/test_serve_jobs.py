@@ -215,8 +215,8 @@ def test_a_killed_server_resumes_the_running_job_after_restart(tiny_model_dir, f
     first = start(tiny_model_dir, data)
     c = openai.OpenAI(base_url=first.url, api_key=KEY, max_retries=0, timeout=60)
     train = c.files.create(file=files["train"].open("rb"), purpose="fine-tune")
-    job = c.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id, hyperparameters={"n_epochs": 24},
-                                    extra_body={"lora_tune": {**FAST, "train.save_every": 10}})  # fmt: skip
+    job = c.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id, hyperparameters={"n_epochs": 8},
+                                    extra_body={"lora_tune": {**FAST, "train.save_every": 5}})  # fmt: skip
     end = time.monotonic() + 120
     while not c.fine_tuning.jobs.checkpoints.list(job.id).data and time.monotonic() < end:
         time.sleep(0.2)
@@ -240,7 +240,7 @@ def test_a_killed_server_resumes_the_running_job_after_restart(tiny_model_dir, f
         log = (data / "jobs" / job.id / "train.log").read_text()
         assert "resumed from" in log, log[-2000:]
         ckpts = c.fine_tuning.jobs.checkpoints.list(job.id).data
-        assert ckpts[0].step_number == 120  # 20 examples / 4 x 24 epochs, all trained
+        assert ckpts[0].step_number == 40  # 20 examples / 4 x 8 epochs, all trained
         reply = c.chat.completions.create(model=done.fine_tuned_model, messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=4)  # fmt: skip
         assert reply.usage.completion_tokens >= 1
@@ -271,8 +271,8 @@ def test_hyperparameters_and_overrides_map_onto_the_config(tmp_path, files):
 def test_pause_then_resume_continues_from_the_last_checkpoint(client, files, tiny_model_dir):
     train = client.files.create(file=files["train"].open("rb"), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id,
-                                         hyperparameters={"n_epochs": 24},
-                                         extra_body={"lora_tune": {**FAST, "train.save_every": 10}})  # fmt: skip
+                                         hyperparameters={"n_epochs": 8},
+                                         extra_body={"lora_tune": {**FAST, "train.save_every": 5}})  # fmt: skip
     end = time.monotonic() + 120
     while not client.fine_tuning.jobs.checkpoints.list(job.id).data and time.monotonic() < end:
         time.sleep(0.2)
@@ -283,6 +283,6 @@ def test_pause_then_resume_continues_from_the_last_checkpoint(client, files, tin
     assert client.fine_tuning.jobs.resume(job.id).status == "queued"
     done = wait(client, job.id)
     assert done.status == "succeeded", done.error
-    assert client.fine_tuning.jobs.checkpoints.list(job.id).data[0].step_number == 120
+    assert client.fine_tuning.jobs.checkpoints.list(job.id).data[0].step_number == 40
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
     assert "Fine-tuning job resumed from its last checkpoint" in messages
