@@ -144,6 +144,24 @@ def tiny_config(model_dir: Path, train: Path, val: Path | None, out: Path, **ext
     return load_config(None, tiny_overrides(model_dir, train, val, out, **extra))
 
 
+def train_in_process(args: list[str]) -> None:
+    """`lora-tune train CONFIG KEY=VALUE ...` run in this process, with one thread as `cli_process` gives its
+    children, so that its numbers equal theirs bit for bit (a reference run without a start-up of its own)."""
+    import torch
+    from rich.console import Console
+
+    from lora_tune.config import load_config
+    from lora_tune.train.loop import train
+
+    assert args[0] == "train" and not [a for a in args[2:] if a.startswith("--")], args
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(load_config(args[1], args[2:]), console=Console(quiet=True))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def cli_process(args: list[str], **env: str):
     """`lora-tune ARGS` in a child process (one thread, unbuffered), with `env` added to the environment."""
     import subprocess

@@ -125,17 +125,3 @@ def test_sweep_ranks_a_grid(tmp_path, tiny_model_dir, chat_files):
     assert "| rank | train.lr | lora.r | val_loss |" in (tmp_path / "sw" / "sweep.md").read_text()
     code, out = run(["sweep", str(cfg), "--grid", "train.lr"])
     assert code == 1 and "section.key=v1,v2" in out
-
-
-def test_no_loading_bars_in_logs(tiny_model_dir, chat_files, tmp_path):
-    """When stderr is not a terminal (CI, a log file), the libraries' progress bars stay off."""
-    from conftest import cli_process, tiny_overrides
-
-    train_file, val_file = chat_files
-    empty = tmp_path / "empty.yaml"
-    empty.write_text("{}\n")
-    over = tiny_overrides(tiny_model_dir, train_file, val_file, tmp_path / "run", **{"train.max_steps": 1})
-    proc = cli_process(["train", str(empty), *over])
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert "step 1/1" in out and "Loading weights" not in err and "it/s]" not in err

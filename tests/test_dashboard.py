@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -264,7 +262,7 @@ def test_the_runs_page_lists_and_sorts_hundreds_of_runs(browser, server):
 def test_the_loss_curve_has_every_logged_step_and_grows_while_training(browser, server, tiny_model_dir, runs_dir):
     files = (write_jsonl(runs_dir.parent / "live.jsonl", [chat(f"q{i}", f"a{i}") for i in range(16)]), None)
     live = runs_dir / "live"
-    more = {"train.max_steps": 400, "train.save_every": 0, "train.compile": False}
+    more = {"train.max_steps": 150, "train.save_every": 0, "train.compile": False}
     overrides = tiny_overrides(tiny_model_dir, *files, live, **more)
     proc = cli_process(["train", str(_config(runs_dir.parent)), *overrides], LORA_TUNE_ALLOCATOR="system")
     try:
@@ -284,7 +282,7 @@ def test_the_loss_curve_has_every_logged_step_and_grows_while_training(browser, 
         proc.communicate(timeout=300)
         assert proc.returncode == 0
         steps = [r for r in read_records(live / "metrics.jsonl")[0] if r.get("split", "train") == "train"]
-        assert len(steps) == 400
+        assert len(steps) == 150
         _wait(lambda: points() == len(steps), 15, "every step on the curve")
         _wait(lambda: status() == "finished", 15, "the finished status")
     finally:
@@ -377,11 +375,12 @@ def test_dashboard_needs_the_key_but_its_page_does_not(server):
     assert detail["status"] == "finished" and detail["checkpoints"] and detail["adapter"].endswith("adapter")
 
 
-def test_serve_refuses_a_missing_runs_dir(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "lora_tune.cli", "serve", "--runs-dir", str(tmp_path / "nope"), "--port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 1 and "is not a folder" in proc.stderr
+def test_serve_refuses_a_missing_runs_dir_before_loading_a_model(tmp_path):
+    from click.testing import CliRunner
+
+    from lora_tune.cli import main
+
+    missing = tmp_path / "nope"
+    args = ["serve", "--model", str(tmp_path / "no-model-either"), "--runs-dir", str(missing), "--port", "0"]
+    result = CliRunner().invoke(main, args)  # the command itself, in process
+    assert result.exit_code == 1 and f"--runs-dir {missing} is not a folder" in result.output

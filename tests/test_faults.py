@@ -12,7 +12,7 @@ from test_trackers import TRACKER_ENV, check_tracker_stores, mlflow_steps
 
 from lora_tune.train.metrics import read_metrics
 
-from conftest import cli_process, tiny_overrides
+from conftest import cli_process, tiny_overrides, train_in_process
 
 # QLoRA (4-bit layers kept, as on a GPU) + packing + 8-bit optimizer + accumulation + early stopping + dropout
 EVERYTHING = {
@@ -38,12 +38,12 @@ def _losses(out):
 
 def _run_until(args, out, kill_after: int | None):
     """Run `lora-tune ARGS`; with `kill_after`, SIGKILL it once that many training steps are logged.
-    Returns the process's stdout."""
+    Returns the process's (stdout, stderr)."""
     proc = cli_process(args, **TRACKER_ENV)
     if kill_after is None:
         stdout, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
-        return stdout
+        return stdout, err
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if sum(1 for _, split, _ in _losses(out) if split == "train") >= kill_after:
@@ -51,7 +51,7 @@ def _run_until(args, out, kill_after: int | None):
             break
         time.sleep(0.005)
     assert proc.wait(timeout=60) == -signal.SIGKILL, f"the run ended before step {kill_after}: {proc.stderr.read()}"
-    return ""
+    return "", ""
 
 
 @pytest.mark.slow
@@ -68,13 +68,15 @@ def test_sigkill_at_several_steps_resumes_to_the_uninterrupted_run(tiny_model_di
         return ["train", str(empty), *over, *more]
 
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    _run_until(args(ref), ref, None)
+    train_in_process(args(ref))
     _run_until(args(cut, **TRACKERS), cut, kill_after=5)  # the checkpoint is at step 3: 4-5 are redone
     ids_before = json.loads((cut / "trackers.json").read_text())
     assert max(mlflow_steps(cut)) > 3  # the store holds steps past the checkpoint: they must not come twice
     _run_until(args(cut, "--resume", **TRACKERS), cut, kill_after=8)
-    stdout = _run_until(args(cut, "--resume", **TRACKERS), cut, None)
+    stdout, stderr = _run_until(args(cut, "--resume", **TRACKERS), cut, None)
     assert "resumed from" in stdout
+    # stderr is no terminal here (as in CI or a log file): the libraries' progress bars stay off
+    assert "Loading weights" not in stderr and "it/s]" not in stderr
     assert _losses(cut) == _losses(ref)  # every train and validation loss, exactly
     state = json.loads(sorted((cut / "checkpoints").glob("step-*/state.json"))[-1].read_text())
     assert state["step"] == _losses(ref)[-1][0]

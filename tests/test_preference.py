@@ -34,7 +34,7 @@ from lora_tune.train.objectives import (
 )
 from lora_tune.train.step import StepParts, optimizer_step
 
-from conftest import tiny_config, tiny_overrides, write_jsonl
+from conftest import tiny_config, tiny_overrides, train_in_process, write_jsonl
 
 SYSTEM = {"role": "system", "content": "answer the question"}
 
@@ -299,9 +299,8 @@ def test_sigkill_of_a_dpo_run_resumes_to_the_uninterrupted_run(tiny_model_dir, p
         return ["train", str(empty), *tiny_overrides(tiny_model_dir, *pair_files, out, **more), *flags]
 
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    _run_until(args(ref), ref, None)
-    _run_until(args(cut), cut, kill_after=3)
-    _run_until(args(cut, "--resume"), cut, kill_after=7)
+    train_in_process(args(ref))
+    _run_until(args(cut), cut, kill_after=5)  # killing again and again is test_faults' chain's part
     _run_until(args(cut, "--resume"), cut, None)
     assert _losses(cut) == _losses(ref)
 

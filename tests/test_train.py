@@ -109,4 +109,3 @@ def test_resume_refuses_changed_settings(tiny_model_dir, chat_files, tmp_path):
     assert res.resumed_from == 2
     vals = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r.get("split") == "val"]
     assert vals == [0, 2]  # resuming a finished run logs its final evaluation once, not twice
-

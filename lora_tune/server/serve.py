@@ -121,6 +121,8 @@ def serve(opts: ServeOptions, log=print) -> None:
     """Run the server until interrupted (Ctrl-C or SIGTERM)."""
     import uvicorn
 
+    if opts.runs_dir is not None and not opts.runs_dir.is_dir():  # before minutes of loading, not after
+        raise LoraTuneError(f"--runs-dir {opts.runs_dir} is not a folder; point it at the folder of your runs")
     family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -143,8 +145,6 @@ def serve(opts: ServeOptions, log=print) -> None:
     if opts.runs_dir is not None:
         from lora_tune.server.dashboard.runs import RunsFolder
 
-        if not opts.runs_dir.is_dir():
-            raise LoraTuneError(f"--runs-dir {opts.runs_dir} is not a folder; point it at the folder of your runs")
         runs = RunsFolder(opts.runs_dir)
     engine = Engine(adapters, opts.max_batch, opts.max_queue)
     app = Guard(create_app(engine, adapters, opts.limits, context, jobs, runs), opts.limits)
