@@ -48,6 +48,7 @@ def test_mimalloc_comes_with_the_package():
     assert path is not None and "libmimalloc.so" in path
 
 
+@pytest.mark.slow
 def test_lora_tune_train_reexecutes_under_the_allocator_and_trains(tiny_model_dir, chat_files, tmp_path):
     from conftest import cli_process, tiny_overrides
 

@@ -159,6 +159,7 @@ def test_planner_is_close_to_measured_cpu_memory(tiny_model_dir):
     assert abs(planned - measured["peak_bytes"]) / measured["peak_bytes"] < 0.25
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", ["ours", "trl"])
 def test_benchmark_worker_on_a_tiny_setup(tiny_model_dir, tmp_path, tool):
     import subprocess

@@ -77,6 +77,7 @@ def _check_record(r: dict, tool: str) -> None:
     assert Path(r["adapter_dir"], "adapter_config.json").is_file()  # kept where the spec asked
 
 
+@pytest.mark.slow
 def test_trl_half_runs_and_prints_one_json_record(pref_files, monkeypatch, tmp_path):
     pytest.importorskip("trl", reason="TRL is a benchmark-only extra: pip install -e '.[bench]'")
     r = _run_tiny("trl", pref_files, monkeypatch, tmp_path / "adapter")
@@ -89,6 +90,7 @@ def test_trl_half_runs_and_prints_one_json_record(pref_files, monkeypatch, tmp_p
     not hasattr(C, "PreferenceCfg"),
     reason="lora_tune.config has no `preference` section yet (train.objective: dpo is being built)",
 )
+@pytest.mark.slow
 def test_ours_half_runs_and_prints_one_json_record(pref_files, monkeypatch, tmp_path):
     r = _run_tiny("ours", pref_files, monkeypatch, tmp_path / "adapter")
     _check_record(r, "ours")

@@ -33,6 +33,7 @@ def test_summary_counts_errors_apart_and_measures_from_request_start():
     assert s["error_examples"] == ["APIConnectionError: refused"]
 
 
+@pytest.mark.slow
 def test_the_load_script_runs_against_a_real_server(tiny_model_dir, tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--model", str(tiny_model_dir), "--adapters", "1", "--rounds", "1",
            "--clients", "4", "--max-tokens", "4", "--prompts", "8", "--out", str(tmp_path),

@@ -233,6 +233,7 @@ PAGES = {  # screenshots: these four here, the jobs and playground pages once th
 SHOT_HERE = ("runs", "run", "run-dpo", "compare")
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_every_page_renders_without_console_errors(browser, server):
     for name, fragment in PAGES.items():
@@ -244,6 +245,7 @@ def test_every_page_renders_without_console_errors(browser, server):
             browser.save_screenshot(str(_shots() / f"dashboard-{name}.png"))
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_the_runs_page_lists_and_sorts_hundreds_of_runs(browser, server):
     _open(browser, server, "/runs")
@@ -258,6 +260,7 @@ def test_the_runs_page_lists_and_sorts_hundreds_of_runs(browser, server):
     assert losses == sorted(losses, key=float)
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_the_loss_curve_has_every_logged_step_and_grows_while_training(browser, server, tiny_model_dir, runs_dir):
     files = (write_jsonl(runs_dir.parent / "live.jsonl", [chat(f"q{i}", f"a{i}") for i in range(16)]), None)
@@ -291,6 +294,7 @@ def test_the_loss_curve_has_every_logged_step_and_grows_while_training(browser, 
             proc.communicate()
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_the_run_page_shows_config_checkpoints_and_commands(browser, server, runs_dir):
     _open(browser, server, "/run/support-sft")
@@ -304,6 +308,7 @@ def test_the_run_page_shows_config_checkpoints_and_commands(browser, server, run
     assert int(chart.get_attribute("data-points1")) == len([r for r in records if r.get("split") == "val"])
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_compare_overlays_both_runs_and_diffs_their_configs(browser, server):
     _open(browser, server, "/compare/support-sft,support-sft-r8")
@@ -316,6 +321,7 @@ def test_compare_overlays_both_runs_and_diffs_their_configs(browser, server):
     assert "model.source" not in diff  # the same in both: not a difference
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_the_playground_streams_a_reply_from_an_adapter(browser, server):
     _open(browser, server, "/playground")
@@ -337,6 +343,7 @@ def test_the_playground_streams_a_reply_from_an_adapter(browser, server):
     browser.save_screenshot(str(_shots() / "dashboard-playground.png"))
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_the_jobs_page_lists_a_job_and_its_events(browser, server, tmp_path):
     from openai import OpenAI
@@ -355,6 +362,7 @@ def test_the_jobs_page_lists_a_job_and_its_events(browser, server, tmp_path):
     client.fine_tuning.jobs.cancel(job.id)
 
 
+@pytest.mark.slow
 def test_dashboard_needs_the_key_but_its_page_does_not(server):
     import urllib.error
     import urllib.request

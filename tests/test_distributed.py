@@ -114,6 +114,7 @@ def _same_training(one: Path, other: Path) -> None:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-4)  # Adam amplifies float noise
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["ddp", "fsdp"])
 def test_two_ranks_equal_one_process_with_both_ranks_rows(runs, how):
     one, two = runs["one"][0], runs[how][0]
@@ -126,6 +127,7 @@ def test_two_ranks_equal_one_process_with_both_ranks_rows(runs, how):
     assert ("FSDP (weights sharded)" in runs[how][1].stdout) == (how == "fsdp")  # FSDP-QLoRA: 4-bit sharded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["ddp", "fsdp"])
 def test_only_rank_zero_writes_and_prints(runs, how):
     two, done = runs[how]
@@ -147,6 +149,7 @@ def test_only_rank_zero_writes_and_prints(runs, how):
     assert state["world"] == 2 and "rng-rank1.pt" in state["sha256"]
 
 
+@pytest.mark.slow
 def test_a_run_of_two_ranks_resumes_only_on_two(runs, tiny_model_dir, data):
     two, _ = runs["ddp"]
     # resuming a finished run on one process must refuse before any training: the position means
@@ -187,6 +190,7 @@ def uninterrupted(tiny_model_dir, data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_a_killed_rank_stops_the_job_and_resume_continues_it_exactly(tiny_model_dir, data, tmp_path, uninterrupted):
     """SIGKILL rank 1 after a checkpoint: torchrun ends rank 0 too; --resume on two ranks then gives
     the uninterrupted run's losses (lora.dropout 0.1: each rank's random state is restored). One chain,
@@ -217,6 +221,7 @@ def test_a_killed_rank_stops_the_job_and_resume_continues_it_exactly(tiny_model_
         assert g[2] == pytest.approx(w[2], rel=1e-5, abs=1e-7), (g, w)
 
 
+@pytest.mark.slow
 def test_accelerate_launch_runs_the_same_ranks(runs, tiny_model_dir, data, tmp_path):
     """`accelerate launch --multi_gpu` starts the same entry point as torchrun (it sets the same variables)."""
     out = tmp_path / "acc"
@@ -231,6 +236,7 @@ def test_accelerate_launch_runs_the_same_ranks(runs, tiny_model_dir, data, tmp_p
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_dpo_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
     """The preference path (reference through the disabled adapter inside DDP's forward) splits too."""
     files = (write_jsonl(tmp_path / "p.jsonl", [pair(i) for i in range(10)]), None)

@@ -96,6 +96,7 @@ BAD_LINES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["train", "inspect"])
 def test_a_malformed_corpus_gets_one_line_per_problem(tiny_model_dir, chat_files, tmp_path, command):
     good = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}'

@@ -28,6 +28,7 @@ def _only(out: Path, pattern: str) -> Path:
     return found[0]
 
 
+@pytest.mark.slow
 def test_quick_run_saves_each_part_and_a_summary(gpu, tmp_path):
     assert gpu.main(["--quick", "--out", str(tmp_path), "--parts", "tests,planner,chunked"]) == 0
     tests = json.loads(_only(tmp_path, "gpu-tests-*.json").read_text())

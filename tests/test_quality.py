@@ -112,6 +112,7 @@ def test_summary_and_results_section(tmp_path):
     assert text.startswith("# speed\n\ntable\n\n## Ablation\n\nrows\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", ["ours", "trl"])
 def test_quality_worker_trains_saves_and_scores(tiny_model_dir, tmp_path, tool):
     """One run of the worker as `run_quality` makes it: trains with the shared protocol, saves the

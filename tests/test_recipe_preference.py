@@ -137,6 +137,7 @@ def test_chosen_is_the_parameters_own_description_and_rejected_a_real_wrong_one(
     assert siblings > 0.7 * sum(len(read(built, part)) for part in PARTS)
 
 
+@pytest.mark.slow
 def test_the_smoke_subset_is_small_and_well_formed(tmp_path):
     out = tmp_path / "smoke"
     built = build_preference_docs(out, {**SPEC["params"], **SMOKE_DATA}, log=quiet)
@@ -146,6 +147,7 @@ def test_the_smoke_subset_is_small_and_well_formed(tmp_path):
     assert not {function_of(r) for r in read(out, "test")} & {function_of(r) for r in read(out, "train")}
 
 
+@pytest.mark.slow
 def test_params_change_the_pairs_deterministically(tmp_path):
     params = {**SPEC["params"], **SMOKE_DATA, "context": "none", "seed": 1}
     a, b = tmp_path / "a", tmp_path / "b"

@@ -41,6 +41,7 @@ def test_every_recipe_config_validates(config):
     assert (config.parent / "README.md").is_file(), "every recipe documents what it does and what it reached"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_builders_are_deterministic_and_split_without_leaks(name, tmp_path):
     recipe = RECIPES[name]
@@ -169,6 +170,7 @@ def test_smoke_config_points_at_the_built_data(tmp_path):
     assert cfg.model.source == "builtin:tiny-random" and cfg.train.max_steps == 3 and cfg.train.lr == 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_recipe_smoke_run_completes(name, tmp_path):
     from rich.console import Console
@@ -190,6 +192,7 @@ def test_every_recipe_smoke_run_completes(name, tmp_path):
     assert (real_manifest.read_bytes() if real_manifest.exists() else None) == before  # ...never over data/
 
 
+@pytest.mark.slow
 def test_cli_recipes_list_and_smoke_run_with_overrides(tmp_path):
     runner = CliRunner()
     listed = runner.invoke(main, ["recipes", "list", "--recipes-dir", str(ROOT)])

@@ -75,6 +75,7 @@ def wait(client, job_id: str, until=TERMINAL, timeout: float = 180.0):
 FAST = {"data.max_length": 64, "lora.r": 4, "lora.alpha": 8, "train.lr": 5e-3, "train.compile": False}
 
 
+@pytest.mark.slow
 def test_upload_train_watch_and_chat_with_the_fine_tuned_model(client, files, tiny_model_dir):
     train = client.files.create(file=files["train"].open("rb"), purpose="fine-tune")
     val = client.files.create(file=files["val"].open("rb"), purpose="fine-tune")
@@ -116,6 +117,7 @@ def test_upload_train_watch_and_chat_with_the_fine_tuned_model(client, files, ti
     assert job.id in [j.id for j in client.fine_tuning.jobs.list(limit=100)]
 
 
+@pytest.mark.slow
 def test_a_malformed_file_fails_the_job_naming_the_line(client, files, tiny_model_dir):
     bad = client.files.create(file=files["bad"].open("rb"), purpose="fine-tune")
     assert bad.status == "error" and "bad.jsonl:13" in bad.status_details
@@ -127,6 +129,7 @@ def test_a_malformed_file_fails_the_job_naming_the_line(client, files, tiny_mode
     assert job.status == "failed" and "at least 10" in job.error.message
 
 
+@pytest.mark.slow
 def test_a_dpo_job_trains_through_the_preference_objective(client, files, tiny_model_dir):
     pairs = client.files.create(file=files["pairs"].open("rb"), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
@@ -141,6 +144,7 @@ def test_a_dpo_job_trains_through_the_preference_objective(client, files, tiny_m
     assert first[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-4)  # DPO's loss before any update
 
 
+@pytest.mark.slow
 def test_cancel_stops_the_worker_and_keeps_its_checkpoints(client, files, tiny_model_dir):
     train = client.files.create(file=files["train"].open("rb"), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id,
@@ -167,6 +171,7 @@ def test_cancel_stops_the_worker_and_keeps_its_checkpoints(client, files, tiny_m
         client.fine_tuning.jobs.cancel(job.id)
 
 
+@pytest.mark.slow
 def test_bad_job_requests_and_auth(client, server, files, tiny_model_dir):
     train = client.files.create(file=files["train"].open("rb"), purpose="fine-tune")
     model = str(tiny_model_dir)
@@ -210,6 +215,7 @@ def workers_of(job_id: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_a_killed_server_resumes_the_running_job_after_restart(tiny_model_dir, files, tmp_path):
     data = tmp_path / "service"
     first = start(tiny_model_dir, data)
@@ -268,6 +274,7 @@ def test_hyperparameters_and_overrides_map_onto_the_config(tmp_path, files):
         svc.create({"model": "tiny", "training_file": train["id"], "lora_tune": {"train.nonsense": 1}})
 
 
+@pytest.mark.slow
 def test_pause_then_resume_continues_from_the_last_checkpoint(client, files, tiny_model_dir):
     train = client.files.create(file=files["train"].open("rb"), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id,

@@ -259,7 +259,8 @@ def build_docs_corpus(out: Path, params: dict, log=print) -> Built:
     for module, _, doc in _docstrings(whl):
         if module.startswith(prefix):
             docs.setdefault(module, []).append(doc)
-    texts = {m: "\n\n".join(d) for m, d in docs.items()}
+    cut = params.get("max_chars")  # a smoke run's toy size: each document's start only
+    texts = {m: "\n\n".join(d)[:cut] for m, d in docs.items()}
     parts = split_by_key(sorted(texts), lambda m: m, params.get("val", 0.05), params.get("test", 0.1))
     parts = {k: _cap(v, params.get(f"max_{k}"), k) for k, v in parts.items()}
     return _finish(

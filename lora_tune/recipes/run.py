@@ -20,7 +20,7 @@ from lora_tune.recipes.builders import BUILDERS
 from lora_tune.recipes.registry import Recipe
 
 # A smoke run: the real pipeline (builder, config, training, evaluation, report) at toy size.
-SMOKE_DATA = {"max_train": 16, "max_val": 4, "max_test": 4}
+SMOKE_DATA = {"max_train": 16, "max_val": 4, "max_test": 4, "max_chars": 3000}
 SMOKE_SETTINGS = (
     "model.source=builtin:tiny-random",
     "train.max_steps=3",
