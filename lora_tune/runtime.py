@@ -118,13 +118,17 @@ def cpu_kind(environ: Mapping[str, str] | None = None, cpuinfo: str | None = Non
 
 def avx2_kind_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """The environment in which a process on this machine sees the AVX2 kind: torch's and oneDNN's
-    kernels held to AVX2 and the seam's flags those of an AVX2-only CPU."""
+    kernels held to AVX2 and the seam's flags those of an AVX2-only CPU. Inductor's kernel cache is not
+    keyed by the ISA (kernels built for one kind crash or compute garbage under the other): its own."""
+    import tempfile
+
     return {
         **environ,
         "ATEN_CPU_CAPABILITY": "avx2",
         "ONEDNN_MAX_CPU_ISA": "AVX2",
         CPU_FLAGS_ENV: AVX2_FLAGS,
         CPU_KERNELS_ENV: "AVX2",
+        "TORCHINDUCTOR_CACHE_DIR": str(Path(tempfile.gettempdir()) / "lora_tune-inductor-avx2"),
     }
 
 
