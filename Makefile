@@ -48,8 +48,9 @@ test: $(STAMP) browser
 # the suite as an AVX2-only CPU sees it, on any x86 machine: torch's and oneDNN's kernels held to AVX2 and
 # the runtime seam's CPU flags those of such a CPU (lora_tune.runtime.avx2_kind_env)
 test-avx2: $(STAMP) browser
-	$(PY) -c "import os, sys; from lora_tune.runtime import avx2_kind_env; \
-		os.execve(sys.executable, [sys.executable, '-m', 'pytest', *'$(PYTEST_ARGS)'.split()], avx2_kind_env())"
+	PYTEST_ARGS="$(PYTEST_ARGS)" $(PY) -c "import os, shlex, sys; from lora_tune.runtime import avx2_kind_env; \
+		args = shlex.split(os.environ['PYTEST_ARGS']); \
+		os.execve(sys.executable, [sys.executable, '-m', 'pytest', *args], avx2_kind_env())"
 
 # the dashboard's browser tests drive Debian's chromium through chromium-driver: installed here when
 # missing and possible (root with apt-get); without them those tests are skipped and say why
