@@ -158,3 +158,23 @@ def test_eval_cli_on_smollm2(smollm2, tmp_path):
     report = json.loads(out.read_text())["results"]["base"]
     assert report["details"]["classes"]["labels"] == ["negative", "positive"]
     assert report["metrics"]["accuracy"] >= 0.75  # the instruct model already gets these easy reviews
+
+
+def test_a_dequantized_smollm2_trains_as_its_4bit_layers_do(smollm2, tmp_path):
+    """model.cpu_dequantize on the real model: two QLoRA steps with SmolLM2's 4-bit layers and with the
+    base de-quantized once give the same losses (float tolerance: bf16 autocast where the CPU has it)."""
+    from rich.console import Console
+
+    from lora_tune.config import load_config
+    from lora_tune.train.loop import train
+
+    losses = {}
+    for dequantize in (False, True):
+        out = tmp_path / f"run-{dequantize}"
+        over = [f"output_dir={out}", f"model.cpu_dequantize={str(dequantize).lower()}", "train.max_steps=2"]
+        over += ["train.micro_batch_size=2", "data.max_length=64", "train.eval_every=0", "train.save_every=0"]
+        over += ["data.val_file=null", "lora.dropout=0"]
+        train(load_config(ASSETS / "demo.yaml", over), console=Console(quiet=True))
+        losses[dequantize] = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+    assert len(losses[True]) == 2
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)  # bit-equal here (bf16 autocast)
