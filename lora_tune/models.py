@@ -19,7 +19,7 @@ import torch
 
 from lora_tune.config import LoraCfg, ModelCfg
 from lora_tune.errors import LoraTuneError
-from lora_tune.runtime import DTYPES, Precision, cache_dir
+from lora_tune.runtime import DTYPES, Precision, bnb_4bit_layers, cache_dir
 
 
 @dataclass(frozen=True)
@@ -286,29 +286,15 @@ def load_model(
 # A 4-bit base on the CPU
 
 
-def _linear4bit_layers(model) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
-    """(parent, attribute, layer) of every bitsandbytes 4-bit linear layer."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return []
-    return [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, bnb.nn.Linear4bit)
-    ]
-
-
 def is_4bit(model) -> bool:
     """Whether any layer of `model` computes from bitsandbytes 4-bit weights."""
-    return bool(_linear4bit_layers(model))
+    return bool(bnb_4bit_layers(model))
 
 
 def dequantized_bytes(model, dtype: torch.dtype) -> int:
     """Bytes the 4-bit linear weights take once de-quantized into `dtype`."""
     size = torch.empty((), dtype=dtype).element_size()
-    return sum(layer.in_features * layer.out_features * size for _, _, layer in _linear4bit_layers(model))
+    return sum(layer.in_features * layer.out_features * size for _, _, layer in bnb_4bit_layers(model))
 
 
 def choose_cpu_dequantize(setting: bool | str, nbytes: int, available: int | None = None) -> tuple[bool, str]:
@@ -353,7 +339,7 @@ def dequantize_4bit_layers(model, dtype: torch.dtype) -> int:
     """
     import bitsandbytes.functional as bf
 
-    layers = _linear4bit_layers(model)
+    layers = bnb_4bit_layers(model)
     for parent, name, layer in layers:
         weight = bf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
         plain = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")

@@ -243,7 +243,7 @@ def evaluating(model):
     was_training = model.training
     model.eval()
     if was_training:
-        for layer in _bnb_4bit_layers(model):
+        for _, _, layer in bnb_4bit_layers(model):
             layer.train()
     # Layers compiled for training (train.compile) run eagerly here: their graphs are for training's
     # grad mode, and generation's growing KV cache would compile a new graph every few tokens.
@@ -259,12 +259,18 @@ def evaluating(model):
         model.train(was_training)
 
 
-def _bnb_4bit_layers(model) -> list:
+def bnb_4bit_layers(model) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """(parent, attribute name, layer) of every bitsandbytes 4-bit linear layer of `model`."""
     try:
         import bitsandbytes as bnb
     except ImportError:
         return []
-    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    return [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, bnb.nn.Linear4bit)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------

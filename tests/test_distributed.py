@@ -26,7 +26,7 @@ from lora_tune.data.tokenize import Example
 from lora_tune.errors import LoraTuneError
 from lora_tune.train.distributed import Dist, from_env, torchrun_command
 
-from conftest import chat, cli_process, tiny_overrides, write_jsonl
+from conftest import chat, cli_process, tiny_config, tiny_overrides, train_in_process, write_jsonl
 
 ENV = {"LORA_TUNE_ALLOCATOR": "system"}
 # 21 samples in global micro-batches of 4: the last batch of an epoch has 1 row, so rank 1's share of it
@@ -45,20 +45,11 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
 
 def _train(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     if "--nproc" not in args:  # one process: in this one (saves a start-up; the numbers are the same)
-        return _train_here(args)
+        train_in_process(args)
+        return subprocess.CompletedProcess(args, 0, "", "")
     proc = cli_process(args, **ENV)
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
-
-
-def _train_here(args: list[str]) -> subprocess.CompletedProcess:
-    from lora_tune.config import load_config
-    from lora_tune.train.loop import train
-
-    flags = [a for a in args[2:] if a.startswith("--")]
-    assert flags == [], flags
-    train(load_config(args[1], args[2:]), console=Console(quiet=True))
-    return subprocess.CompletedProcess(args, 0, "", "")
 
 
 def _args(model_dir, data, out: Path, nproc: int, *flags: str, **extra) -> list[str]:
@@ -303,10 +294,9 @@ def test_unsupported_settings_are_refused_before_training(tiny_model_dir, data, 
     from lora_tune.train.setup import check_distributed
 
     two = from_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
-    args = _args(
-        tiny_model_dir, data, tmp_path / "r", 2, **{"train.objective": "dpo", "preference.precompute_ref": True}
+    cfg = tiny_config(
+        tiny_model_dir, *data, tmp_path / "r", **{"train.objective": "dpo", "preference.precompute_ref": True}
     )
-    cfg = load_config(args[1], [a for a in args[2:] if not a.startswith("--") and a != "2"])
     with pytest.raises(LoraTuneError, match="not supported with more than one process"):
         check_distributed(cfg, two, None)
     check_distributed(cfg, Dist(), None)  # one process: fine
